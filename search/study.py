@@ -1,0 +1,499 @@
+"""The Optuna driver: set a study up, run its trials through the runner, record each in MLflow.
+
+`run_search(config)` reads and checks everything first (space, data, stores): any problem there is a
+ConfigError before the first trial. Then each trial: Optuna suggests parameters, `runners.train` fits and
+evaluates, `search.tracking` logs, and the trial ends COMPLETE, PRUNED or FAIL in both stores alike.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from search import space as spaces
+from search import tracking
+from search.config import (SearchConfig, artifact_root, default_optuna_stores, optuna_storage_url,
+                           tracking_uri)
+from search.errors import ConfigError
+
+log = logging.getLogger("search")
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class SearchAborted(RuntimeError):
+    """Too many trials failed in a row; the message names the last reason."""
+
+
+class SurplusTrial(RuntimeError):
+    """A trial claimed after the study reached its target (a race between workers)."""
+
+
+@dataclass
+class SearchSummary:
+    """What one invocation did, for the caller and the final printout."""
+
+    study_name: str
+    storage: str
+    tracking_uri: str
+    parent_run_id: str
+    trials_run: int = 0
+    counted: int = 0
+    target: int = 0
+    best_value: float | None = None
+    best_params: dict = field(default_factory=dict)
+    best_trial: int | None = None
+    stopped: str = "target"
+
+
+# ---------------------------------------------------------------- stores
+
+
+def open_storage(url: str):
+    """Optuna storage from a URL (SQLite, PostgreSQL, ...) or a file path (journal storage)."""
+    try:
+        if "://" not in url:
+            from optuna.storages.journal import JournalFileBackend
+
+            Path(url).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            return optuna.storages.JournalStorage(JournalFileBackend(str(Path(url).expanduser())))
+        if url.startswith("sqlite:///"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            return optuna.storages.RDBStorage(url)
+        # a server database can outlive a worker: heartbeats find trials whose worker died, and retry them
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=30, grace_period=90,
+            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=2))
+    except Exception as err:
+        raise ConfigError(f"Optuna storage {tracking.redact(url)} cannot be opened: {type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:300]}. Check --storage.") from None
+
+
+def find_study(name: str, storage: str | None = None, workdir: str = "mlruns") -> optuna.Study:
+    """A study by name in the given storage, else in either default store; ConfigError lists what exists."""
+    urls = [storage] if storage else default_optuna_stores(workdir)
+    known: list[str] = []
+    for url in urls:
+        store = open_storage(url)
+        names = [s.study_name for s in optuna.get_all_study_summaries(store, include_best_trial=False)]
+        if name in names:
+            return optuna.load_study(study_name=name, storage=store)
+        known += names
+    where = ", ".join(tracking.redact(u) for u in urls) or f"{workdir}/ (no Optuna store there yet)"
+    raise ConfigError(f"no study named '{name}' in {where}. Known studies: {', '.join(sorted(known)) or 'none'}.")
+
+
+def make_sampler(name: str, seed: int, space: spaces.Space, target: int) -> optuna.samplers.BaseSampler:
+    """tpe | random | grid | cmaes, seeded."""
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(3, min(10, target // 3)))
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "grid":
+        return optuna.samplers.GridSampler(spaces.grid_of(space), seed=seed)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    raise ConfigError(f"unknown sampler '{name}'; available: tpe, random, grid, cmaes")
+
+
+def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
+    """median | hyperband | sha | none, over epochs as the resource."""
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 1), reduction_factor=3)
+    if name == "sha":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise ConfigError(f"unknown pruner '{name}'; available: median, hyperband, sha, none")
+
+
+# ---------------------------------------------------------------- set-up
+
+
+@dataclass
+class Setup:
+    """Everything checked before the first trial."""
+
+    config: SearchConfig
+    space: spaces.Space
+    dataset: str
+    study: optuna.Study
+    target: int
+    timeout: float | None
+    epochs: int
+    patience: int
+    subset: int | None
+    client: object
+    experiment_id: str
+    storage_url: str
+    tracking_uri: str
+    data_cache: dict = field(default_factory=dict)
+
+
+def prepare(config: SearchConfig) -> Setup:
+    """Read the space, find the data, open both stores: every configuration error surfaces here."""
+    try:
+        return _prepare(config)
+    except ConfigError:
+        raise
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        raise ConfigError(str(err).strip("'\"")) from None
+
+
+def _prepare(config: SearchConfig) -> Setup:
+    workdir = config.resolved_workdir()
+    dataset = config.dataset or spaces.load_space(config.space).dataset
+    space = spaces.load_space(config.space, dataset)
+    budget = space.budget
+    target = config.trials or budget["trials"]
+    epochs = config.epochs or budget["epochs"]
+    timeout = budget["timeout"] if config.timeout is None else (config.timeout or None)
+    subset = budget["subset"] if config.subset is None else (config.subset or None)
+    if config.image_size:
+        space.params["image_size"] = spaces.Param("image_size", "fixed", value=config.image_size,
+                                                  default=config.image_size)
+    study_name = config.study_name or f"{space.name}-{dataset.split(':')[0]}"
+    storage_url = optuna_storage_url(config)
+    uri = tracking_uri(config.tracking_uri, workdir)
+    setup_data = {}
+    probe_data(config, dataset, space, subset, workdir, setup_data)
+    storage = open_storage(storage_url)
+    direction = "maximize"
+    study = optuna.create_study(study_name=study_name, storage=storage, load_if_exists=True, direction=direction,
+                                sampler=make_sampler(config.sampler, config.seed, space, target),
+                                pruner=make_pruner(config.pruner, epochs))
+    client = tracking.connect(uri)
+    exp_id = tracking.experiment_id(client, study_name, artifact_root(uri, workdir))
+    return Setup(config, space, dataset, study, target, timeout, epochs, budget["patience"], subset, client, exp_id,
+                 storage_url, uri, setup_data)
+
+
+def probe_data(config: SearchConfig, dataset: str, space: spaces.Space, subset, workdir: Path, cache: dict):
+    """Load the data once at the space's default image size, so missing data stops the run before trials."""
+    size = spaces.default_params(space).get("image_size", 32)
+    cache[size] = load_data(config, dataset, size, subset, workdir)
+
+
+def load_data(config: SearchConfig, dataset: str, image_size: int, subset, workdir: Path):
+    """The runner's dataset at one image size, with bad files reported once."""
+    from runners.datasets import load_dataset
+
+    data = load_dataset(dataset, data_dir=config.data_dir, image_size=image_size, subset=subset,
+                        breeds=parse_breeds(config.breeds), crop=config.crop, workdir=workdir)
+    sizes = data.sizes()
+    log.info(f"data: {data.name} at {image_size}px, {len(data.class_names)} classes, train {sizes['train']:,} / "
+             f"val {sizes['val']:,} / test {sizes['test']:,} images ({data.source})")
+    if data.bad_files:
+        from runners.photos import bad_file_report
+
+        log.warning(bad_file_report(data.bad_files, limit=10))
+    return data
+
+
+def parse_breeds(breeds: str | None):
+    """'10' -> 10, 'Chihuahua,beagle' -> ['Chihuahua', 'beagle'], None -> None."""
+    if not breeds:
+        return None
+    return int(breeds) if breeds.strip().isdigit() else [b.strip() for b in breeds.split(",") if b.strip()]
+
+
+# ---------------------------------------------------------------- the run
+
+
+def run_search(config: SearchConfig) -> SearchSummary:
+    """Run trials until the study has `trials` complete or pruned ones (or time runs out)."""
+    setup = prepare(config)
+    study, client = setup.study, setup.client
+    from runners.device import configure_devices
+    from search.environment import describe_environment
+
+    environment = describe_environment(configure_devices(config.mixed_precision))
+    recover_stale_trials(study, client, setup.experiment_id)
+    parent = tracking.start_parent_run(client, setup.experiment_id, study.study_name,
+                                       invocation_settings(setup), environment, setup.space.text,
+                                       {"budget": setup.space.budget, "params": {k: asdict(v) for k, v in setup.space.params.items()}})
+    summary = SearchSummary(study.study_name, tracking.redact(setup.storage_url), tracking.redact(setup.tracking_uri),
+                            parent, target=setup.target)
+    first_trials(setup)
+    status = "FINISHED"
+    try:
+        optimize(setup, parent, environment, summary)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except SearchAborted:
+        status = "FAILED"
+        raise
+    finally:
+        finish_invocation(setup, parent, summary, status)
+    return summary
+
+
+def invocation_settings(setup: Setup) -> dict:
+    """What this invocation was asked to do, for the parent run's params."""
+    c = setup.config
+    return {"space": setup.space.name, "space_file": setup.space.source, "dataset": setup.dataset,
+            "data_dir": c.data_dir, "trials_target": setup.target, "timeout": setup.timeout, "epochs": setup.epochs,
+            "patience": setup.patience, "subset": setup.subset, "sampler": c.sampler, "pruner": c.pruner,
+            "seed": c.seed, "storage": tracking.redact(setup.storage_url), "breeds": c.breeds,
+            "image_size": c.image_size, "workers": c.workers, "warm_start": c.warm_start}
+
+
+def first_trials(setup: Setup) -> None:
+    """Enqueue the space's defaults in a new study, and a warm start's best configurations."""
+    study = setup.study
+    if setup.config.default_trial and not study.get_trials(deepcopy=False):
+        study.enqueue_trial(spaces.default_params(setup.space), user_attrs={"source": "default"})
+    if setup.config.warm_start:
+        enqueue_warm_start(setup)
+
+
+def enqueue_warm_start(setup: Setup) -> None:
+    """The K best configurations of another study, kept to what is valid in this space and dataset."""
+    name, _, k = setup.config.warm_start.partition(":")
+    source = find_study(name, None, setup.config.workdir)
+    done = sorted((t for t in source.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))),
+                  key=lambda t: t.value, reverse=True)[: int(k or 5)]
+    source_dataset = source.user_attrs.get("dataset")
+    for t in done:
+        given = dict(t.params)
+        if source_dataset != setup.dataset.split(":")[0]:
+            given.pop("image_size", None)  # image and batch size never carry across datasets
+            given.pop("batch_size", None)
+        params = {k: v for k, v in spaces.complete_params(setup.space, given).items()
+                  if setup.space.params[k].type != "fixed"}
+        setup.study.enqueue_trial(params, user_attrs={"source": f"warm-start:{name}#{t.number}"},
+                                  skip_if_exists=True)
+    log.info(f"warm start: enqueued {len(done)} configurations from {name}")
+
+
+def optimize(setup: Setup, parent: str, environment: dict, summary: SearchSummary) -> None:
+    """study.optimize with the stopping rules of conventions.md: target count, time, failures in a row."""
+    study = setup.study
+    study.set_user_attr("dataset", setup.dataset.split(":")[0])
+    study.set_user_attr("space", setup.space.name)
+    done = count(study)
+    if done >= setup.target:
+        log.info(f"study {study.study_name} already has {done} of {setup.target} trials; raise --trials to add more")
+        summary.counted = done
+        return
+    failures = FailureStreak(setup.config.max_failures)
+    callbacks = [optuna.study.MaxTrialsCallback(setup.target, states=COUNTED), failures]
+    objective = make_objective(setup, parent, environment, summary)
+    study.optimize(objective, n_trials=None, timeout=setup.timeout, callbacks=callbacks,
+                   catch=(Exception,), gc_after_trial=True)
+    summary.counted = count(study)
+    if failures.tripped:
+        summary.stopped = "failures"
+        raise SearchAborted(f"{failures.limit} trials failed in a row; the last one: {failures.last_reason}")
+    if summary.counted < setup.target:
+        summary.stopped = "timeout"
+        log.info(f"time budget of {setup.timeout:.0f} s reached after {summary.counted} of {setup.target} trials; "
+                 "run the same command again to continue (--timeout 0 for no limit)")
+
+
+def count(study: optuna.Study) -> int:
+    """Trials that count toward the target: complete or pruned."""
+    return len(study.get_trials(deepcopy=False, states=COUNTED))
+
+
+class FailureStreak:
+    """Stops the study after `limit` failed trials in a row, remembering the last reason."""
+
+    def __init__(self, limit: int):
+        self.limit, self.streak, self.tripped, self.last_reason = limit, 0, False, ""
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.state != TrialState.FAIL or trial.user_attrs.get("surplus"):
+            self.streak = 0 if trial.state in COUNTED else self.streak
+            return
+        self.streak += 1
+        self.last_reason = trial.user_attrs.get("fail_reason", "unknown")
+        if self.streak >= self.limit:
+            self.tripped = True
+            study.stop()
+
+
+def make_objective(setup: Setup, parent: str, environment: dict, summary: SearchSummary):
+    """The function Optuna calls per trial: suggest, train, evaluate, log, keep the best models."""
+    from optuna_integration import KerasPruningCallback
+
+    from runners import train as runner
+    from runners.scratch_cnn import ArchitectureError
+
+    study, client, space = setup.study, setup.client, setup.space
+
+    def objective(trial: optuna.Trial) -> float:
+        if count(study) >= setup.target:
+            trial.set_user_attr("surplus", True)
+            trial.set_user_attr("fail_reason", f"study already has {setup.target} trials")
+            raise SurplusTrial(f"study already has {setup.target} trials")
+        summary.trials_run += 1
+        params = spaces.suggest_params(trial, space)
+        seed = setup.config.seed * 1000 + trial.number
+        for key, value in {"host": socket.gethostname(), "pid": os.getpid(), "seed": seed}.items():
+            trial.set_user_attr(key, value)
+        context = {"dataset": setup.dataset, "subset": setup.subset, "epochs_max": setup.epochs,
+                   "patience": setup.patience, "seed": seed, "model": space.model}
+        source = trial.user_attrs.get("source", "sampler")
+        run_id = tracking.start_trial_run(client, setup.experiment_id, parent, study.study_name, trial.number,
+                                          params, context, tags={"search.source": source,
+                                                                 "search.device": environment.get("device", "")})
+        trial.set_user_attr("mlflow_run_id", run_id)
+        progress = runner.Progress(trial.number, count(study) + 1, setup.target, setup.epochs, best_value(study))
+        try:
+            build = model_builder(space.model)
+            data = dataset_at(setup, params["image_size"])
+            tracking.log_datasets(client, run_id, data)
+            logger = tracking.EpochLogger(client, run_id)
+            started = time.perf_counter()
+            result = runner.train_and_evaluate(
+                params, data, build, epochs=setup.epochs, patience=setup.patience, seed=seed,
+                recipes=space.recipes, callbacks=[logger, progress, KerasPruningCallback(trial, "val_accuracy")])
+            trial_seconds = time.perf_counter() - started
+        except ArchitectureError as err:
+            runner.release()
+            end_trial(client, run_id, trial, "PRUNED", str(err))
+            log.info(f"trial {trial.number}: rejected before training: {err}")
+            raise optuna.TrialPruned(str(err)) from None
+        except optuna.TrialPruned:
+            runner.release()
+            metrics = {"best_val_accuracy": max(progress.val_history, default=None),
+                       "epochs_run": len(progress.val_history)}
+            tracking.log_metrics(client, run_id, metrics)
+            end_trial(client, run_id, trial, "PRUNED", f"pruned after epoch {len(progress.val_history)}")
+            log.info(f"trial {trial.number}: pruned after epoch {len(progress.val_history)}")
+            raise
+        except KeyboardInterrupt:
+            end_trial(client, run_id, trial, "KILLED", "interrupted (Ctrl-C)")
+            raise
+        except Exception as err:
+            runner.release()
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0][:500] if str(err) else ''}"
+            end_trial(client, run_id, trial, "FAIL", reason)
+            log.warning(f"trial {trial.number}: failed: {reason}")
+            raise
+        finished(setup, trial, run_id, result, trial_seconds, logger.seconds)
+        return result.val_accuracy
+
+    return objective
+
+
+def model_builder(model: str):
+    """The runner function that builds a space's model."""
+    if model == "scratch_cnn":
+        from runners.scratch_cnn import build_model
+
+        return build_model
+    raise ConfigError(f"unknown model '{model}' in the space; available: scratch_cnn")
+
+
+def dataset_at(setup: Setup, image_size: int):
+    """The dataset at a trial's image size, loaded once per size (the last two sizes stay in memory)."""
+    cache = setup.data_cache
+    if image_size not in cache:
+        if len(cache) >= 2:
+            cache.pop(next(iter(cache)))
+        cache[image_size] = load_data(setup.config, setup.dataset, image_size, setup.subset,
+                                      setup.config.resolved_workdir())
+    return cache[image_size]
+
+
+def end_trial(client, run_id: str, trial: optuna.Trial, state: str, reason: str) -> None:
+    """Record why a trial ended on both sides."""
+    trial.set_user_attr("fail_reason" if state in ("FAIL", "KILLED") else "end_reason", reason)
+    tracking.finish_trial_run(client, run_id, state, reason)
+
+
+def finished(setup: Setup, trial: optuna.Trial, run_id: str, result, trial_seconds: float,
+             logging_seconds: float) -> None:
+    """Log a completed trial's summary, keep its model if it is among the best K, free its memory."""
+    from runners import train as runner
+
+    metrics = {"best_val_accuracy": result.val_accuracy, "best_val_loss": result.val_loss,
+               "best_val_top3_accuracy": result.val_top3_accuracy, "best_epoch": result.best_epoch,
+               "epochs_run": result.epochs_run, "param_count": result.param_count,
+               "train_seconds": result.fit_seconds, "trial_seconds": trial_seconds,
+               "logging_seconds": logging_seconds, **result.test}
+    tracking.log_metrics(setup.client, run_id, metrics)
+    for key in ("test_accuracy", "test_top3_accuracy", "train_seconds", "param_count", "inference_ms"):
+        trial.set_user_attr(key, metrics.get(key))
+    keep_model(setup, trial, result)
+    tracking.finish_trial_run(setup.client, run_id, "COMPLETE")
+    runner.release(result)
+
+
+def models_dir(setup: Setup) -> Path:
+    """Where a study keeps the Keras models of its best trials."""
+    return setup.config.resolved_workdir() / "models" / setup.study.study_name
+
+
+def keep_model(setup: Setup, trial: optuna.Trial, result) -> None:
+    """Save this trial's model if it ranks among the study's best K; delete models that fell out."""
+    folder = models_dir(setup)
+    ranked = sorted([(t.value, t.number) for t in setup.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+                    + [(result.val_accuracy, trial.number)], reverse=True)[: setup.config.keep_models]
+    keep = {number for _, number in ranked}
+    if trial.number in keep:
+        folder.mkdir(parents=True, exist_ok=True)
+        result.model.save(folder / f"trial-{trial.number}.keras")
+    for path in folder.glob("trial-*.keras"):
+        if int(path.stem.split("-")[1]) not in keep:
+            path.unlink()
+
+
+def best_value(study: optuna.Study) -> float | None:
+    """The study's best validation accuracy so far, or None."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return max((t.value for t in complete), default=None)
+
+
+def recover_stale_trials(study: optuna.Study, client, exp_id: str) -> None:
+    """After a crash: Optuna trials left RUNNING by a dead process on this host become FAIL, and open MLflow runs close."""
+    host = socket.gethostname()
+    storage = study._storage
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.user_attrs.get("host") == host and not tracking.pid_alive(str(t.user_attrs.get("pid"))):
+            storage.set_trial_user_attr(t._trial_id, "fail_reason", "its process ended during the trial")
+            storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+            log.info(f"trial {t.number} was left running by a process that ended; marked failed")
+    tracking.close_orphans(client, exp_id, live=set())
+
+
+def finish_invocation(setup: Setup, parent: str, summary: SearchSummary, status: str) -> None:
+    """Record the best so far on the parent run, log the best model once, and close the parent run."""
+    study, client = setup.study, setup.client
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if complete:
+        best = max(complete, key=lambda t: t.value)
+        summary.best_value, summary.best_params, summary.best_trial = best.value, best.params, best.number
+        tracking.log_metrics(client, parent, {"best_val_accuracy": best.value, "trials_counted": count(study)})
+        tracking.set_tags(client, parent, {"search.best_trial": best.number,
+                                           "search.best_params": json.dumps(best.params, default=str)})
+        log_best_model(setup, best)
+    tracking.set_tags(client, parent, {"search.stopped": summary.stopped})
+    client.set_terminated(parent, status)
+
+
+def log_best_model(setup: Setup, best) -> None:
+    """Log the best trial's Keras model to its MLflow run, once."""
+    run_id = best.user_attrs.get("mlflow_run_id")
+    path = models_dir(setup) / f"trial-{best.number}.keras"
+    if not run_id or not path.is_file():
+        return
+    run = setup.client.get_run(run_id)
+    if run.data.tags.get("search.model_uri"):
+        return
+    import keras
+
+    uri = tracking.log_keras_model(setup.client, run_id, keras.models.load_model(path))
+    tracking.set_tags(setup.client, run_id, {"search.model_uri": uri})

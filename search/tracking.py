@@ -1,0 +1,208 @@
+"""MLflow tracking: one experiment per study, one parent run per process, one nested run per trial.
+
+Every call goes through `MlflowClient` with explicit run ids, so several trials, threads or workers never
+depend on a global "active run". Per-epoch metrics go in one `log_batch` call per epoch (100 single
+`log_metric` calls cost ~0.45 s on SQLite, one batch ~0.015 s; shared/notes/stack.md).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import keras
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Dataset as MlflowDataset
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+
+from search.errors import ConfigError
+
+ROLE = "search.role"  # 'invocation' (parent), 'trial', or 'study' (the study-level report run)
+
+
+def redact(url: str | None) -> str | None:
+    """A store URL with any password replaced by ***, safe for logs, params and tags."""
+    if not url or "://" not in url:
+        return url
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def connect(tracking_uri: str) -> MlflowClient:
+    """A client for the tracking store, checked to answer now (ConfigError if it does not)."""
+    if tracking_uri.startswith("sqlite:///"):
+        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    client = MlflowClient(tracking_uri)
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as err:  # any driver or HTTP error means the same thing to a user
+        raise ConfigError(f"MLflow tracking store {redact(tracking_uri)} cannot be reached: "
+                          f"{type(err).__name__}: {str(err).splitlines()[0][:300]}. Check --tracking-uri "
+                          "(default sqlite:///mlruns/mlflow.db) or MLFLOW_TRACKING_URI.") from None
+    return client
+
+
+def experiment_id(client: MlflowClient, study: str, artifact_root: str | None) -> str:
+    """The study's experiment, created on first use with its artifacts under artifact_root."""
+    found = client.get_experiment_by_name(study)
+    if found is not None:
+        if found.lifecycle_stage == "deleted":
+            client.restore_experiment(found.experiment_id)
+        return found.experiment_id
+    location = Path(artifact_root).resolve().as_uri() if artifact_root else None
+    return client.create_experiment(study, artifact_location=location)
+
+
+def start_parent_run(client: MlflowClient, exp_id: str, study: str, settings: dict, environment: dict,
+                     space_text: str, space_resolved: dict) -> str:
+    """The run of this process: what it was asked to do, the space file and the environment."""
+    host, pid = socket.gethostname(), os.getpid()
+    run = client.create_run(exp_id, run_name=f"{study} {host}:{pid}", tags={
+        ROLE: "invocation", "optuna.study": study, "search.host": host, "search.pid": str(pid),
+        "search.git_commit": str(environment.get("git_commit")), "search.device": environment.get("device", "")})
+    run_id = run.info.run_id
+    client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in settings.items()])
+    log_text(client, run_id, space_text, "space.yaml")
+    log_text(client, run_id, json.dumps(space_resolved, indent=2, default=str), "space_resolved.json")
+    log_text(client, run_id, json.dumps(environment, indent=2, default=str), "environment.json")
+    return run_id
+
+
+def start_trial_run(client: MlflowClient, exp_id: str, parent_id: str, study: str, number: int,
+                    params: dict, context: dict, tags: dict | None = None) -> str:
+    """A trial's run, nested under the parent, with every parameter (flat names) and its context."""
+    run = client.create_run(exp_id, run_name=f"trial-{number}", tags={
+        "mlflow.parentRunId": parent_id, ROLE: "trial", "optuna.study": study,
+        "optuna.trial_number": str(number), "search.state": "RUNNING",
+        "search.host": socket.gethostname(), "search.pid": str(os.getpid()), **(tags or {})})
+    run_id = run.info.run_id
+    values = {**params, **context}
+    client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in values.items()])
+    return run_id
+
+
+def log_datasets(client: MlflowClient, run_id: str, data) -> None:
+    """Record which images each split held (name, split, digest) with mlflow's dataset inputs."""
+    inputs = [DatasetInput(MlflowDataset(name=data.name, digest=data.digest(split), source_type="local",
+                                         source=json.dumps({"uri": data.source, "split": split,
+                                                            "images": len(data.keys[split])})),
+                           tags=[InputTag("mlflow.data.context", split)])
+              for split in ("train", "val", "test")]
+    client.log_inputs(run_id, datasets=inputs)
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict, step: int = 0) -> None:
+    """Numbers in one batched call."""
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()
+                                      if v is not None])
+
+
+def set_tags(client: MlflowClient, run_id: str, tags: dict) -> None:
+    """Tags in one batched call."""
+    client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+
+
+def log_text(client: MlflowClient, run_id: str, text: str, name: str) -> None:
+    """A text artifact."""
+    client.log_text(run_id, text, name)
+
+
+def finish_trial_run(client: MlflowClient, run_id: str, state: str, reason: str | None = None) -> None:
+    """End a trial's run: COMPLETE and PRUNED finish, FAIL fails, KILLED is killed; the state is a tag."""
+    tags = {"search.state": state}
+    if reason:
+        tags["search.reason"] = reason
+    set_tags(client, run_id, tags)
+    status = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED", "KILLED": "KILLED"}[state]
+    client.set_terminated(run_id, status)
+
+
+class EpochLogger(keras.callbacks.Callback):
+    """Logs every metric of an epoch to a trial's run in one call, with the epoch (from 1) as step."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        super().__init__()
+        self.client, self.run_id = client, run_id
+        self.seconds = 0.0  # time spent logging, for the overhead benchmark
+
+    def on_epoch_end(self, epoch, logs=None):
+        started = time.perf_counter()
+        log_metrics(self.client, self.run_id, dict(logs or {}), step=epoch + 1)
+        self.seconds += time.perf_counter() - started
+
+
+@contextlib.contextmanager
+def fluent_api(uri: str):
+    """Point mlflow's module-level API at a store for one block, then restore the caller's setting.
+
+    mlflow.set_tracking_uri also writes MLFLOW_TRACKING_URI into the environment, which would leak this
+    store into every later search in the same process."""
+    saved_env, saved_uri = os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved_uri)
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
+
+
+def log_keras_model(client: MlflowClient, run_id: str, model: keras.Model, name: str = "model") -> str:
+    """Log a trained Keras model to a run (MLflow's keras flavour); returns its model URI."""
+    import numpy as np
+    from mlflow.models import infer_signature
+
+    example = np.zeros((1, *model.input_shape[1:]), dtype=np.float32)
+    signature = infer_signature(example, np.zeros((1, model.output_shape[-1]), dtype=np.float32))
+    with fluent_api(client.tracking_uri), mlflow.start_run(run_id=run_id, nested=True):
+        info = mlflow.keras.log_model(model, name=name, signature=signature)
+    return info.model_uri
+
+
+def open_runs(client: MlflowClient, exp_id: str) -> list:
+    """Runs of an experiment still marked RUNNING."""
+    return client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'", max_results=5000)
+
+
+def close_orphans(client: MlflowClient, exp_id: str, live: set[tuple[str, str]]) -> int:
+    """Mark KILLED the RUNNING runs whose process (host, pid) is gone: nothing stays open after a crash."""
+    closed = 0
+    host = socket.gethostname()
+    for run in open_runs(client, exp_id):
+        tags = run.data.tags
+        owner = (tags.get("search.host"), tags.get("search.pid"))
+        if owner[0] == host and owner not in live and not pid_alive(owner[1]):
+            if tags.get(ROLE) == "trial":
+                finish_trial_run(client, run.info.run_id, "KILLED", "its process ended without closing it")
+            else:
+                client.set_terminated(run.info.run_id, "KILLED")
+            closed += 1
+    return closed
+
+
+def pid_alive(pid: str | None) -> bool:
+    """True when a process with this pid exists on this machine."""
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def temp_artifact_dir() -> tempfile.TemporaryDirectory:
+    """A scratch folder for files that are logged as artifacts and then deleted."""
+    return tempfile.TemporaryDirectory(prefix="search-artifacts-")
