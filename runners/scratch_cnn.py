@@ -9,9 +9,8 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-
-class ArchitectureError(ValueError):
-    """A sampled architecture that cannot be built for this input size (rejected before training)."""
+from runners import train
+from runners.train import ArchitectureError
 
 
 def feature_map_sizes(params: dict, image_size: int) -> list[int]:
@@ -52,3 +51,8 @@ def build_model(params: dict, image_size: int, n_classes: int) -> keras.Model:
     # float32 output keeps softmax stable under mixed precision
     outputs = layers.Dense(n_classes, activation="softmax", dtype="float32", name="probabilities")(x)
     return keras.Model(inputs, outputs, name="scratch_cnn")
+
+
+def train_and_evaluate(params: dict, data, **kwargs) -> train.TrialResult:
+    """Train and evaluate this model on data (see runners.train.train_and_evaluate for the arguments)."""
+    return train.train_and_evaluate(params, data, build_model, **kwargs)

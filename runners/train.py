@@ -22,6 +22,10 @@ from runners.pipeline import evaluation_batches, training_batches
 log = logging.getLogger("search")
 
 
+class ArchitectureError(ValueError):
+    """A sampled architecture that cannot be built for this input size (rejected before training)."""
+
+
 @dataclass
 class TrialResult:
     """What a finished training run measured, ready to log."""
@@ -99,8 +103,11 @@ def make_loss(params: dict) -> keras.losses.Loss:
 
 
 def train_and_evaluate(params: dict, data: Dataset, build_model, *, epochs: int, patience: int, seed: int,
-                       recipes: dict, callbacks: list | None = None, evaluate_test: bool = True) -> TrialResult:
-    """Fit a model built from params on data's train split; validate every epoch; test once at the end."""
+                       recipes: dict, callbacks: list | None = None, evaluate_test: bool = True,
+                       options: dict | None = None) -> TrialResult:
+    """Fit a model built from params on data's train split; validate every epoch; test once at the end.
+
+    `options` carries run-wide settings a model may need (weights file, workdir); this plain CNN needs none."""
     keras.utils.set_random_seed(seed)
     size, n_classes, batch = data.image_size, len(data.class_names), params["batch_size"]
     x_train, y_train = data.splits["train"]

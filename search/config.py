@@ -37,6 +37,10 @@ class SearchConfig:
     workers: int = 1                       # processes sharing the study (journal storage by default)
     mixed_precision: bool | None = None    # None = on for GPUs that support it
     default_trial: bool = True             # a new study tries the space's defaults first
+    backbone: str | None = None            # transfer: restrict the backbone choice (NAME[,NAME...])
+    weights: str | None = None             # transfer: imagenet weights file, or "none" for random init
+    driver: str = "optuna"                 # optuna | kerastuner
+    tuner: str = "hyperband"               # kerastuner driver: hyperband | bayesian | random
     extra_tags: dict = field(default_factory=dict)
 
     def resolved_workdir(self) -> Path:

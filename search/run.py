@@ -46,6 +46,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warm-start", help="STUDY[:K]: start with the K best configurations of STUDY")
     p.add_argument("--no-default-trial", dest="default_trial", action="store_false",
                    help="do not try the space's default configuration first in a new study")
+    p.add_argument("--backbone", help="transfer space: restrict the backbone choice to NAME[,NAME...]")
+    p.add_argument("--weights", help="transfer space: ImageNet weights file for the backbone, or 'none' "
+                                     "(default: Keras's cache, else download)")
+    p.add_argument("--driver", default=d.driver, choices=["optuna", "kerastuner"], help="who drives the search")
+    p.add_argument("--tuner", default=d.tuner, choices=["hyperband", "bayesian", "random"],
+                   help="Keras Tuner's tuner, with --driver kerastuner")
+    p.add_argument("--workers", type=int, default=d.workers,
+                   help="processes sharing the study (with no --storage they share mlruns/optuna.journal)")
+    p.add_argument("--mixed-precision", dest="mixed_precision", action=argparse.BooleanOptionalAction,
+                   default=None, help="float16 compute on GPUs (default: on where the GPU supports it)")
     p.add_argument("--quiet", action="store_true", help="print only the final table")
     return p
 

@@ -161,6 +161,7 @@ def _prepare(config: SearchConfig) -> Setup:
     if config.image_size:
         space.params["image_size"] = spaces.Param("image_size", "fixed", value=config.image_size,
                                                   default=config.image_size)
+    model_runner(space.model)
     study_name = config.study_name or f"{space.name}-{dataset.split(':')[0]}"
     storage_url = optuna_storage_url(config)
     uri = tracking_uri(config.tracking_uri, workdir)
@@ -328,7 +329,7 @@ def make_objective(setup: Setup, parent: str, environment: dict, summary: Search
     from optuna_integration import KerasPruningCallback
 
     from runners import train as runner
-    from runners.scratch_cnn import ArchitectureError
+    from runners.train import ArchitectureError
 
     study, client, space = setup.study, setup.client, setup.space
 
@@ -351,14 +352,15 @@ def make_objective(setup: Setup, parent: str, environment: dict, summary: Search
         trial.set_user_attr("mlflow_run_id", run_id)
         progress = runner.Progress(trial.number, count(study) + 1, setup.target, setup.epochs, best_value(study))
         try:
-            build = model_builder(space.model)
+            runner_module = model_runner(space.model)
             data = dataset_at(setup, params["image_size"])
             tracking.log_datasets(client, run_id, data)
             logger = tracking.EpochLogger(client, run_id)
             started = time.perf_counter()
-            result = runner.train_and_evaluate(
-                params, data, build, epochs=setup.epochs, patience=setup.patience, seed=seed,
-                recipes=space.recipes, callbacks=[logger, progress, KerasPruningCallback(trial, "val_accuracy")])
+            result = runner_module.train_and_evaluate(
+                params, data, epochs=setup.epochs, patience=setup.patience, seed=seed, recipes=space.recipes,
+                callbacks=[logger, progress, KerasPruningCallback(trial, "val_accuracy")],
+                options=runner_options(setup))
             trial_seconds = time.perf_counter() - started
         except ArchitectureError as err:
             runner.release()
@@ -388,13 +390,21 @@ def make_objective(setup: Setup, parent: str, environment: dict, summary: Search
     return objective
 
 
-def model_builder(model: str):
-    """The runner function that builds a space's model."""
-    if model == "scratch_cnn":
-        from runners.scratch_cnn import build_model
+def model_runner(model: str):
+    """The runners/ module named by a space's `model:`; it provides train_and_evaluate(params, data, ...)."""
+    import importlib
 
-        return build_model
-    raise ConfigError(f"unknown model '{model}' in the space; available: scratch_cnn")
+    try:
+        return importlib.import_module(f"runners.{model}")
+    except ModuleNotFoundError:
+        raise ConfigError(f"unknown model '{model}' in the space; a model is a module of runners/ "
+                          "(scratch_cnn, transfer)") from None
+
+
+def runner_options(setup: Setup) -> dict:
+    """Run-wide settings a runner may need besides the trial's parameters."""
+    c = setup.config
+    return {"weights": c.weights, "workdir": str(c.resolved_workdir()), "data_dir": c.data_dir}
 
 
 def dataset_at(setup: Setup, image_size: int):

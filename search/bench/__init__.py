@@ -1,0 +1,1 @@
+"""Benchmarks that print tables: `python -m search.bench NAME [options]`, one module per benchmark."""
