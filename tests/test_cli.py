@@ -1,0 +1,82 @@
+"""The command lines as a user types them: exit codes, messages without tracebacks, Ctrl-C, resuming."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from conftest import ROOT, write_space, TINY_SPACE
+
+
+def run(*args, cwd, timeout=240):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_a_bad_space_file_exits_2_naming_the_file_and_key_without_traceback(tmp_path):
+    space = write_space(tmp_path, "name: bad\nparams:\n  dropout: {type: float, low: 0.9, high: 0.1}\n")
+    done = run("search.run", "--space", str(space), cwd=tmp_path)
+    assert done.returncode == 2
+    assert f"{space}: params.dropout: low (0.9) > high (0.1)" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_an_unknown_space_or_dataset_lists_the_available_ones(tmp_path):
+    done = run("search.run", "--space", "nope", cwd=tmp_path)
+    assert done.returncode == 2 and "Available: " in done.stderr and "scratch_cnn" in done.stderr
+    done = run("search.run", "--dataset", "imagenet", cwd=tmp_path)
+    assert done.returncode == 2 and "cifar10, stanford_dogs, folder:PATH" in done.stderr
+
+
+def test_missing_data_says_where_to_put_it_before_any_trial(tmp_path):
+    done = run("search.run", "--data-dir", str(tmp_path / "nothing"), cwd=tmp_path)
+    assert done.returncode == 2
+    assert "CIFAR-10 not found" in done.stderr and "cifar-10-batches-py" in done.stderr
+    assert not (tmp_path / "mlruns" / "optuna.db").exists()
+
+
+def test_an_unknown_study_in_results_exits_2_and_lists_known_ones(tmp_path):
+    done = run("search.results", "--study", "nope", cwd=tmp_path)
+    assert done.returncode == 2 and "no study named 'nope'" in done.stderr
+
+
+def test_ctrl_c_kills_the_running_trial_and_the_same_command_resumes(tmp_path, cifar_dir):
+    space = write_space(tmp_path, TINY_SPACE.replace("epochs: 1", "epochs: 30").replace("patience: 1", "patience: 30"))
+    args = ["search.run", "--space", str(space), "--data-dir", str(cifar_dir), "--trials", "1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    for line in proc.stdout:  # wait until the first epoch has been trained and logged
+        if "epoch 1/30" in line or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "run the same command to resume" in err
+    study = optuna.load_study(study_name="tiny-cifar10", storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
+    assert study.trials[0].state == TrialState.FAIL
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    run_id = study.trials[0].user_attrs["mlflow_run_id"]
+    assert client.get_run(run_id).info.status == "KILLED"
+    resumed = run(*args, "--epochs", "1", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    study = optuna.load_study(study_name="tiny-cifar10", storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    exp = client.get_experiment_by_name("tiny-cifar10")
+    assert not client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
+
+
+def test_results_exports_every_format(tmp_path, cifar_dir):
+    space = write_space(tmp_path, TINY_SPACE)
+    assert run("search.run", "--space", str(space), "--data-dir", str(cifar_dir), "--trials", "2",
+               "--quiet", cwd=tmp_path).returncode == 0
+    for fmt, marker in [("md", "rank | study"), ("csv", "rank,study,trial"), ("html", "<table"), ("latex", "\\begin{tabular}")]:
+        out = tmp_path / f"board.{fmt}"
+        done = run("search.results", "--study", "tiny-cifar10", "--format", fmt, "--out", str(out), cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert marker in out.read_text()
