@@ -1,0 +1,103 @@
+"""`python -m search.bench pipeline`: does the input pipeline keep up with training, and what does a dogs trial hold in memory?
+
+For CIFAR-10 at 32 px and the dogs at 128 and 224 px, with no augmentation and with each shipped recipe:
+images/s the tf.data pipeline delivers on its own, images/s the space's default scratch CNN consumes in
+training, and their ratio (target >= 2: augmentation never starves the model). Then the peak resident
+memory of one real dogs trial on every image of the data at 128 px (target < 3 GiB), scaled to 20,580.
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+FULL_DOGS = 20_580
+
+
+def pipeline_rate(data, recipe: list, batch: int, seconds: float = 6.0) -> float:
+    """Images/s delivered by training_batches alone (no model)."""
+    from runners.pipeline import training_batches
+
+    x, y = data.splits["train"]
+    batches = training_batches(x, y, len(data.class_names), batch, recipe, data.image_size, seed=0).repeat()
+    images, started = 0, None
+    for i, (b, _) in enumerate(batches):
+        if i == 2:  # skip the warm-up batches
+            started, images = time.perf_counter(), 0
+        images += len(b)
+        if started and time.perf_counter() - started > seconds:
+            break
+    return images / (time.perf_counter() - started)
+
+
+def training_rate(data, params: dict, steps: int = 12) -> float:
+    """Images/s the default model trains at on batches already in memory (the consumer's rate)."""
+    import keras
+    import numpy as np
+
+    from runners.scratch_cnn import build_model
+    from runners.train import make_loss, make_optimizer
+
+    batch = params["batch_size"]
+    x = np.asarray(data.splits["train"][0][: batch * 4], dtype=np.float32)
+    y = np.eye(len(data.class_names), dtype=np.float32)[data.splits["train"][1][: batch * 4]]
+    model = build_model(params, data.image_size, len(data.class_names))
+    model.compile(optimizer=make_optimizer(params, 10, 1), loss=make_loss(params))
+    model.fit(x, y, batch_size=batch, epochs=1, verbose=0)  # graph tracing happens here, untimed
+    started = time.perf_counter()
+    for _ in range(steps // 4):
+        model.fit(x, y, batch_size=batch, epochs=1, verbose=0)
+    rate = (steps // 4) * len(x) / (time.perf_counter() - started)
+    keras.backend.clear_session()
+    return rate
+
+
+def peak_trial_memory(data_dir: str | None, image_size: int) -> float:
+    """Peak RSS (GiB) of a one-epoch dogs trial on every image, run as its own process."""
+    with tempfile.TemporaryDirectory() as workdir:
+        command = [sys.executable, "-m", "search.run", "--space", "scratch_cnn", "--dataset", "stanford_dogs",
+                   "--image-size", str(image_size), "--trials", "1", "--epochs", "1", "--subset", "0",
+                   "--workdir", workdir, "--quiet", "--no-default-trial"]
+        command += ["--data-dir", data_dir] if data_dir else []
+        subprocess.run(command, check=True, capture_output=True)
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the rate table and the memory figure."""
+    p = argparse.ArgumentParser(prog="python -m search.bench pipeline", description=__doc__.split("\n")[0])
+    p.add_argument("--cifar-dir", help="CIFAR-10 location")
+    p.add_argument("--dogs-dir", help="Stanford Dogs location")
+    p.add_argument("--workdir", default="mlruns", help="where the decoded-image cache lives")
+    p.add_argument("--subset", type=int, default=2000, help="images per split for the rate measurements")
+    p.add_argument("--skip-memory", action="store_true", help="leave out the (minutes-long) memory trial")
+    args = p.parse_args(argv)
+
+    from runners.datasets import load_dataset
+    from search.bench.overhead import cpu_name, matmul_gflops
+    from search.space import default_params, load_space
+
+    print(f"machine: {cpu_name()}, {matmul_gflops():.0f} GFLOP/s float32 matmul\n")
+    print(f"{'data':<22} {'recipe':<15} {'pipeline img/s':>15} {'training img/s':>15} {'ratio':>7}")
+    for dataset, size, data_dir in (("cifar10", 32, args.cifar_dir), ("stanford_dogs", 128, args.dogs_dir),
+                                    ("stanford_dogs", 224, args.dogs_dir)):
+        space = load_space("scratch_cnn", dataset)
+        params = {**default_params(space), "image_size": size}
+        data = load_dataset(dataset, data_dir=data_dir, image_size=size, subset=args.subset, workdir=args.workdir)
+        consumed = training_rate(data, params)
+        for recipe, steps in space.recipes.items():
+            delivered = pipeline_rate(data, steps, params["batch_size"])
+            print(f"{dataset + f' {size}px':<22} {recipe:<15} {delivered:>15,.0f} {consumed:>15,.0f} "
+                  f"{delivered / consumed:>7.1f}")
+    if not args.skip_memory:
+        peak = peak_trial_memory(args.dogs_dir, 128)
+        images = sum(load_dataset("stanford_dogs", data_dir=args.dogs_dir, image_size=128,
+                                  workdir=args.workdir).sizes().values())
+        cache_gib = images * 128 * 128 * 3 / 2 ** 30
+        scaled = peak + cache_gib * (FULL_DOGS / images - 1)
+        print(f"\npeak memory of a 1-epoch dogs trial on {images:,} images at 128 px: {peak:.2f} GiB "
+              f"(decoded images {cache_gib:.2f} GiB); scaled to {FULL_DOGS:,} images: {scaled:.2f} GiB")
+    return 0
