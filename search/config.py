@@ -39,6 +39,9 @@ class SearchConfig:
     default_trial: bool = True             # a new study tries the space's defaults first
     backbone: str | None = None            # transfer: restrict the backbone choice (NAME[,NAME...])
     weights: str | None = None             # transfer: imagenet weights file, or "none" for random init
+    study_patience: int | None = None      # stop after N completed trials without min_improvement
+    min_improvement: float = 0.0           # the gain (val accuracy) that counts as improving
+    within: float | None = None            # ... or stop after this many minutes without it
     driver: str = "optuna"                 # optuna | kerastuner
     tuner: str = "hyperband"               # kerastuner driver: hyperband | bayesian | random
     extra_tags: dict = field(default_factory=dict)

@@ -2,6 +2,9 @@
 
     python -m search.results --study scratch_cnn-cifar10 --format md --top 10
     python -m search.results --study scratch_cnn-cifar10 --format csv --out leaderboard.csv
+    python -m search.results --study scratch_cnn-cifar10 --group-by loss,pooling    # the seed studies' tables
+    python -m search.results --study scratch_cnn-cifar10 --pareto --importances     # cost vs accuracy
+    python -m search.results --all --report reports/     # every study side by side, one HTML page each
 
 One row per trial, best first: completed trials by validation accuracy (model selection never looks at
 test accuracy), then pruned, then failed ones (`--complete-only` leaves those out). Every trial run in
@@ -109,35 +112,249 @@ def to_text(table: pd.DataFrame, fmt: str) -> str:
     raise ConfigError(f"unknown format '{fmt}'; available: {', '.join(FORMATS)}")
 
 
+def all_studies(tracking_uri: str | None = None, workdir: str = "mlruns") -> list[str]:
+    """Every study (experiment) in the MLflow store, for --all."""
+    from search.tracking import connect
+
+    client = connect(resolve_tracking_uri(tracking_uri, workdir))
+    return sorted(e.name for e in client.search_experiments() if e.name != "Default")
+
+
+def side_by_side(table: pd.DataFrame) -> pd.DataFrame:
+    """A cross-study leaderboard: study, dataset and the cost columns first, then the parameters."""
+    first = ["rank", "study", "dataset", "model", "trial", "state", "val_accuracy", "test_accuracy", "test_top3",
+             "train_seconds", "inference_ms", "params"]
+    present = [c for c in first if c in table.columns]
+    return table[present + [c for c in table.columns if c not in present]]
+
+
+def group_table(table: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """Per value (or combination) of some parameters: trials, completed, best and mean validation accuracy.
+
+    Every trial falls in exactly one row (a parameter a trial did not use is its own group, shown empty), so
+    the trial counts add up to the leaderboard's length; accuracies are over completed trials only."""
+    unknown = [name for name in by if name not in table.columns]
+    if unknown:
+        known = [c for c in table.columns if c not in ("rank", "run_id", "reason")]
+        raise ConfigError(f"cannot group by {', '.join(unknown)}: not a column of the leaderboard. "
+                          f"Available: {', '.join(known)}.")
+    complete = table["val_accuracy"].where(table["state"] == "COMPLETE")
+    grouped = table.assign(_complete=table["state"] == "COMPLETE", _accuracy=complete).groupby(by, dropna=False)
+    summary = grouped.agg(trials=("trial", "size"), complete=("_complete", "sum"),
+                          best_val_accuracy=("_accuracy", "max"), mean_val_accuracy=("_accuracy", "mean"))
+    return summary.reset_index().sort_values(["best_val_accuracy", "trials"], ascending=False,
+                                             na_position="last").reset_index(drop=True)
+
+
+PARETO_COSTS = ("train_seconds", "inference_ms", "params")
+
+
+def pareto_front(table: pd.DataFrame, costs: tuple[str, ...] = PARETO_COSTS) -> pd.DataFrame:
+    """Completed trials no other trial beats on validation accuracy and every cost at once, most accurate first.
+
+    If the front holds more than the most accurate trial, measuring time or size would have offered a
+    cheaper model for some accuracy: the seed studies' question."""
+    import numpy as np
+
+    columns = ["val_accuracy", *[c for c in costs if c in table.columns]]
+    done = table[(table["state"] == "COMPLETE")].dropna(subset=columns)
+    # accuracy is maximised, costs minimised: flip accuracy so that every column is "lower is better"
+    values = done[columns].to_numpy(dtype=float) * np.array([-1.0] + [1.0] * (len(columns) - 1))
+    better_or_equal = (values[:, None, :] <= values[None, :, :]).all(axis=2)
+    strictly_better = (values[:, None, :] < values[None, :, :]).any(axis=2)
+    dominated = (better_or_equal & strictly_better).any(axis=0)
+    front = done[~dominated].sort_values("val_accuracy", ascending=False)
+    return side_by_side(front).reset_index(drop=True)
+
+
+def importances(study) -> pd.DataFrame:
+    """Optuna's parameter importances (fANOVA) for a study's completed trials; empty when too few."""
+    import optuna
+
+    try:
+        found = optuna.importance.get_param_importances(
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+    except (RuntimeError, ValueError):  # fewer than two completed trials, or no parameter that varied
+        found = {}
+    return pd.DataFrame({"param": list(found), "importance": list(found.values())})
+
+
+def optuna_study(name: str, storage: str | None, workdir: str):
+    """The Optuna study of a name, or None when only MLflow knows it (another driver's study)."""
+    from search.study import find_study
+
+    try:
+        return find_study(name, storage, workdir)
+    except ConfigError:
+        return None
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line of search.results."""
     p = argparse.ArgumentParser(prog="python -m search.results", description=__doc__.split("\n")[0])
-    p.add_argument("--study", action="append", required=True, help="study name (repeat for several)")
+    p.add_argument("--study", action="append", help="study name (repeat for a leaderboard across studies)")
+    p.add_argument("--all", action="store_true", help="every study in the MLflow store, in one leaderboard")
     p.add_argument("--storage", help="Optuna storage (for importances and plots)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db)")
     p.add_argument("--workdir", default="mlruns")
     p.add_argument("--format", default="md", choices=FORMATS)
     p.add_argument("--top", type=int, help="only the best K rows")
     p.add_argument("--complete-only", action="store_true", help="leave out pruned and failed trials")
+    p.add_argument("--group-by", help="PARAM[,PARAM]: trials, best and mean validation accuracy per value")
+    p.add_argument("--pareto", action="store_true",
+                   help="only the Pareto front of accuracy against training time, inference time and size")
+    p.add_argument("--importances", action="store_true", help="also Optuna's parameter importances per study")
+    p.add_argument("--report", metavar="DIR", help="write one self-contained HTML report per study into DIR")
     p.add_argument("--out", help="write the table to this file instead of printing it")
+    p.add_argument("--compare", nargs="+", metavar="STUDY",
+                   help="studies side by side (best val/test accuracy, trials, compute time) and a PNG of best "
+                        "accuracy against compute time, written into --out DIR (default <workdir>/reports/)")
     return p
 
 
+def chosen_table(table: pd.DataFrame, args: argparse.Namespace) -> pd.DataFrame:
+    """The table the flags ask for: grouped, the Pareto front, or the leaderboard (top K)."""
+    if args.group_by:
+        table = group_table(table, [name.strip() for name in args.group_by.split(",") if name.strip()])
+    elif args.pareto:
+        table = pareto_front(table)
+    return table.head(args.top) if args.top else table
+
+
+def importance_sections(studies: list[str], args: argparse.Namespace) -> list[str]:
+    """Each study's parameter importances as a titled table (Optuna studies only)."""
+    sections = []
+    for name in studies:
+        study = optuna_study(name, args.storage, args.workdir)
+        found = importances(study) if study is not None else pd.DataFrame()
+        body = to_text(found, args.format) if not found.empty else "(needs an Optuna study with 2+ completed trials)"
+        sections.append(f"parameter importances (fANOVA), {name}:\n{body}")
+    return sections
+
+
+def write_reports(studies: list[str], args: argparse.Namespace) -> list[Path]:
+    """One HTML report per study into --report DIR."""
+    from search.report import write_report
+    from search.tracking import connect
+
+    client = connect(resolve_tracking_uri(args.tracking_uri, args.workdir))
+    return [write_report(name, optuna_study(name, args.storage, args.workdir), client, Path(args.report),
+                         leaderboard([name], args.tracking_uri, args.workdir))
+            for name in studies]
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Print or write the leaderboard; exit 2 for an unknown study or store."""
+    """Print or write the leaderboard (or its grouping, front, importances, reports); exit 2 on bad input."""
     args = parser().parse_args(argv)
+    if args.compare:
+        return print_comparison(args)
     try:
-        table = leaderboard(args.study, args.tracking_uri, args.workdir, args.complete_only)
-        text = to_text(table.head(args.top) if args.top else table, args.format)
+        if not args.study and not args.all:
+            raise ConfigError("name a study with --study NAME (repeat for several), or use --all")
+        studies = all_studies(args.tracking_uri, args.workdir) if args.all else args.study
+        table = leaderboard(studies, args.tracking_uri, args.workdir, args.complete_only)
+        if len(studies) > 1:
+            table = side_by_side(table)
+        shown = chosen_table(table, args)
+        text = to_text(shown, args.format)
+        if args.importances:
+            text = "\n\n".join([text, *importance_sections(studies, args)])
+        reports = write_reports(studies, args) if args.report else []
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text)
-        print(f"wrote {len(table.head(args.top) if args.top else table)} rows to {args.out}")
+        print(f"wrote {len(shown)} rows to {args.out}")
     else:
         print(text)
+    for path in reports:
+        print(f"report: {path}")
+    return 0
+
+
+def trial_costs(runs: pd.DataFrame) -> pd.DataFrame:
+    """Each ended trial run in the order it ended: its study, state, seconds, and the study's best accuracy so far."""
+    ended = runs[runs["end_time"].notna()].sort_values("end_time")
+    table = pd.DataFrame({
+        "study": ended["tags.optuna.study"], "trial": ended["tags.optuna.trial_number"].astype(int),
+        "state": ended["tags.search.state"].fillna("RUNNING"),
+        "seconds": (ended["end_time"] - ended["start_time"]).dt.total_seconds(),
+        "val_accuracy": ended.get("metrics.best_val_accuracy"),
+        "test_accuracy": ended.get("metrics.test_accuracy"),
+    })
+    # the run's duration is the compute a trial cost, pruned and failed ones included, whichever driver ran it
+    table["compute_seconds"] = table.groupby("study")["seconds"].cumsum()
+    complete = table["val_accuracy"].where(table["state"] == "COMPLETE")
+    table["best_so_far"] = complete.groupby(table["study"]).cummax()
+    return table.reset_index(drop=True)
+
+
+def compare(studies: list[str], tracking_uri: str | None = None, workdir: str = "mlruns") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One row per study (best validation and test accuracy, trials run, compute time) and the per-trial costs."""
+    runs = trial_runs(studies, tracking_uri, workdir)
+    costs = trial_costs(runs) if not runs.empty else pd.DataFrame(
+        columns=["study", "trial", "state", "seconds", "val_accuracy", "test_accuracy", "compute_seconds",
+                 "best_so_far"])
+    rows = []
+    for name in studies:
+        mine = costs[costs["study"] == name]
+        complete = mine[mine["state"] == "COMPLETE"]
+        best = complete.loc[complete["val_accuracy"].idxmax()] if not complete.empty else None
+        rows.append({"study": name, "driver": study_driver(runs, name),
+                     "trials": len(mine), "complete": len(complete), "pruned": int((mine["state"] == "PRUNED").sum()),
+                     "failed": int((mine["state"] == "FAIL").sum()),
+                     "best_val_accuracy": None if best is None else best["val_accuracy"],
+                     "test_accuracy": None if best is None else best["test_accuracy"],
+                     "best_trial": None if best is None else int(best["trial"]),
+                     "seconds_to_best": None if best is None else best["compute_seconds"],
+                     "compute_seconds": mine["seconds"].sum()})
+    return pd.DataFrame(rows), costs
+
+
+def study_driver(runs: pd.DataFrame, study: str) -> str:
+    """Who drove a study's trials: the search.driver tag of its runs (the Optuna driver sets none)."""
+    if runs.empty or "tags.search.driver" not in runs:
+        return "optuna"
+    tags = runs.loc[runs["tags.optuna.study"] == study, "tags.search.driver"].dropna()
+    return tags.iloc[0] if not tags.empty else "optuna"
+
+
+def plot_comparison(costs: pd.DataFrame, path: Path) -> Path:
+    """A PNG of each study's best validation accuracy so far against its cumulative compute time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, curve in costs.dropna(subset=["best_so_far"]).groupby("study", sort=False):
+        ax.step(curve["compute_seconds"] / 60, curve["best_so_far"], where="post", marker="o", markersize=3,
+                label=name)
+    ax.set_xlabel("cumulative compute time of trials (minutes)")
+    ax.set_ylabel("best validation accuracy so far")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def print_comparison(args: argparse.Namespace) -> int:
+    """--compare: print the studies' table and write the plot; exit 2 for an unknown study or store."""
+    try:
+        table, costs = compare(args.compare, args.tracking_uri, args.workdir)
+        text = to_text(table, args.format)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    folder = Path(args.out) if args.out else Path(args.workdir).expanduser() / "reports"
+    name = "compare-" + "-vs-".join(s.replace("/", "_") for s in args.compare) + ".png"
+    print(text)
+    print(f"plot: {plot_comparison(costs, folder / name)}")
     return 0
 
 

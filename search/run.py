@@ -44,6 +44,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=int, default=d.max_failures, help="failed trials in a row before stopping")
     p.add_argument("--keep-models", type=int, default=d.keep_models, help="models of the best K trials kept on disk")
     p.add_argument("--warm-start", help="STUDY[:K]: start with the K best configurations of STUDY")
+    p.add_argument("--rerun", metavar="STUDY:TRIAL", help="retrain one trial exactly (same parameters, seed, "
+                                                           "split, image size, epochs) as a new MLflow run")
+    p.add_argument("--study-patience", type=int, help="end the study after N completed trials without "
+                                                       "--min-improvement (Keras's `patience` is per trial)")
+    p.add_argument("--min-improvement", type=float, default=d.min_improvement,
+                   help="validation-accuracy gain that counts as progress (default 0: any gain)")
+    p.add_argument("--within", type=float, help="end the study after this many minutes without that gain")
     p.add_argument("--no-default-trial", dest="default_trial", action="store_false",
                    help="do not try the space's default configuration first in a new study")
     p.add_argument("--backbone", help="transfer space: restrict the backbone choice to NAME[,NAME...]")
@@ -66,6 +73,18 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
     return SearchConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
+def rerun_trial(args: argparse.Namespace) -> int:
+    """--rerun STUDY:TRIAL."""
+    from search.rerun import rerun
+
+    try:
+        rerun(args.rerun, args.storage, args.tracking_uri, args.workdir)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the search the arguments describe; return the exit code."""
     args = parser().parse_args(argv)
@@ -79,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     from search.study import SearchAborted, run_search
 
     config = config_from_args(args)
+    if args.rerun:
+        return rerun_trial(args)
     try:
         summary = run_search(config)
     except ConfigError as err:

@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from search import tracking
 from search.config import (SearchConfig, artifact_root, default_optuna_stores, optuna_storage_url,
                            tracking_uri)
 from search.errors import ConfigError
+from search.stopping import StudyPatience
 
 log = logging.getLogger("search")
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -51,6 +53,7 @@ class SearchSummary:
     best_params: dict = field(default_factory=dict)
     best_trial: int | None = None
     stopped: str = "target"
+    stop_details: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- stores
@@ -68,9 +71,14 @@ def open_storage(url: str):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
             return optuna.storages.RDBStorage(url)
         # a server database can outlive a worker: heartbeats find trials whose worker died, and retry them
+        # (a worker's trial is declared dead after three missed beats; tests shorten the beat)
+        beat = int(os.environ.get("SEARCH_HEARTBEAT_SECONDS", "30"))
         return optuna.storages.RDBStorage(
-            url, heartbeat_interval=30, grace_period=90,
-            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=2))
+            url, heartbeat_interval=beat, grace_period=3 * beat,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
+    except ImportError as err:
+        raise ConfigError(f"Optuna storage {tracking.redact(url)} needs a database driver: {err}. "
+                          "For PostgreSQL: pip install 'dogsearch[postgres]'.") from None
     except Exception as err:
         raise ConfigError(f"Optuna storage {tracking.redact(url)} cannot be opened: {type(err).__name__}: "
                           f"{str(err).splitlines()[0][:300]}. Check --storage.") from None
@@ -161,7 +169,11 @@ def _prepare(config: SearchConfig) -> Setup:
     if config.image_size:
         space.params["image_size"] = spaces.Param("image_size", "fixed", value=config.image_size,
                                                   default=config.image_size)
-    model_runner(space.model)
+    runner = model_runner(space.model)
+    if hasattr(runner, "prepare_space"):
+        runner.prepare_space(space, config)  # transfer: --backbone narrows the choice, --weights is checked
+    elif config.backbone or config.weights:
+        raise ConfigError(f"--backbone and --weights apply to the transfer space; space '{space.name}' has no backbone")
     study_name = config.study_name or f"{space.name}-{dataset.split(':')[0]}"
     storage_url = optuna_storage_url(config)
     uri = tracking_uri(config.tracking_uri, workdir)
@@ -212,6 +224,10 @@ def parse_breeds(breeds: str | None):
 
 def run_search(config: SearchConfig) -> SearchSummary:
     """Run trials until the study has `trials` complete or pruned ones (or time runs out)."""
+    if config.driver == "kerastuner":
+        from search.kerastuner_driver import run_kerastuner_search
+
+        return run_kerastuner_search(config)
     setup = prepare(config)
     study, client = setup.study, setup.client
     from runners.device import configure_devices
@@ -288,15 +304,20 @@ def optimize(setup: Setup, parent: str, environment: dict, summary: SearchSummar
         summary.counted = done
         return
     failures = FailureStreak(setup.config.max_failures)
-    callbacks = [optuna.study.MaxTrialsCallback(setup.target, states=COUNTED), failures]
+    patience = StudyPatience(setup.config.study_patience, setup.config.min_improvement, setup.config.within)
+    callbacks = [optuna.study.MaxTrialsCallback(setup.target, states=COUNTED), failures, patience]
     objective = make_objective(setup, parent, environment, summary)
     study.optimize(objective, n_trials=None, timeout=setup.timeout, callbacks=callbacks,
-                   catch=(Exception,), gc_after_trial=True)
+                   catch=(Exception,))  # runners.train.release collects garbage once per trial
     summary.counted = count(study)
     if failures.tripped:
         summary.stopped = "failures"
         raise SearchAborted(f"{failures.limit} trials failed in a row; the last one: {failures.last_reason}")
-    if summary.counted < setup.target:
+    if patience.reason:
+        summary.stopped = "patience"
+        summary.stop_details = patience.figures
+        log.info(f"stopped: {patience.reason}")
+    elif summary.counted < setup.target:
         summary.stopped = "timeout"
         log.info(f"time budget of {setup.timeout:.0f} s reached after {summary.counted} of {setup.target} trials; "
                  "run the same command again to continue (--timeout 0 for no limit)")
@@ -334,7 +355,8 @@ def make_objective(setup: Setup, parent: str, environment: dict, summary: Search
     study, client, space = setup.study, setup.client, setup.space
 
     def objective(trial: optuna.Trial) -> float:
-        if count(study) >= setup.target:
+        retry_of = close_retried_run(client, study, trial)
+        if beyond_target(study, trial, setup.target):
             trial.set_user_attr("surplus", True)
             trial.set_user_attr("fail_reason", f"study already has {setup.target} trials")
             raise SurplusTrial(f"study already has {setup.target} trials")
@@ -345,10 +367,11 @@ def make_objective(setup: Setup, parent: str, environment: dict, summary: Search
             trial.set_user_attr(key, value)
         context = {"dataset": setup.dataset, "subset": setup.subset, "epochs_max": setup.epochs,
                    "patience": setup.patience, "seed": seed, "model": space.model}
-        source = trial.user_attrs.get("source", "sampler")
+        source = f"retry:{retry_of}" if retry_of is not None else trial.user_attrs.get("source", "sampler")
+        tags = {"search.source": source, "search.device": environment.get("device", ""),
+                "search.rerun_command": f"python -m search.run --rerun {study.study_name}:{trial.number}"}
         run_id = tracking.start_trial_run(client, setup.experiment_id, parent, study.study_name, trial.number,
-                                          params, context, tags={"search.source": source,
-                                                                 "search.device": environment.get("device", "")})
+                                          params, context, tags=tags)
         trial.set_user_attr("mlflow_run_id", run_id)
         progress = runner.Progress(trial.number, count(study) + 1, setup.target, setup.epochs, best_value(study))
         try:
@@ -384,10 +407,39 @@ def make_objective(setup: Setup, parent: str, environment: dict, summary: Search
             end_trial(client, run_id, trial, "FAIL", reason)
             log.warning(f"trial {trial.number}: failed: {reason}")
             raise
-        finished(setup, trial, run_id, result, trial_seconds, logger.seconds)
+        finished(setup, trial, run_id, result, trial_seconds, logger.seconds, data)
         return result.val_accuracy
 
     return objective
+
+
+def beyond_target(study: optuna.Study, trial: optuna.Trial, target: int) -> bool:
+    """True if the study reached its target; waits while older running trials of other workers could reach it.
+
+    Workers claim trials at the same moment, so counting only finished trials would overshoot the target by
+    up to one trial per worker. A trial waits on older ones only (no two wait on each other); a trial whose
+    worker died stops holding it once found dead (heartbeat storages after the grace period, or a dead pid
+    on this host)."""
+    host, announced = socket.gethostname(), False
+    while True:
+        trials = study.get_trials(deepcopy=False, states=(*COUNTED, TrialState.RUNNING))
+        done = sum(t.state in COUNTED for t in trials)
+        ahead = sum(1 for t in trials if t.state == TrialState.RUNNING and t.number < trial.number
+                    and not died_here(t, host))
+        if done >= target or done + ahead < target:
+            return done >= target
+        if not announced:
+            log.info(f"trial {trial.number}: waiting for {ahead} running trials that may complete the study")
+            announced = True
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # as Optuna does before each trial
+        time.sleep(2)
+
+
+def died_here(trial: optuna.trial.FrozenTrial, host: str) -> bool:
+    """True for a trial run by a process of this host that no longer exists."""
+    return trial.user_attrs.get("host") == host and not tracking.pid_alive(str(trial.user_attrs.get("pid")))
 
 
 def model_runner(model: str):
@@ -425,21 +477,31 @@ def end_trial(client, run_id: str, trial: optuna.Trial, state: str, reason: str)
 
 
 def finished(setup: Setup, trial: optuna.Trial, run_id: str, result, trial_seconds: float,
-             logging_seconds: float) -> None:
-    """Log a completed trial's summary, keep its model if it is among the best K, free its memory."""
+             logging_seconds: float, data) -> None:
+    """Log a completed trial's summary and test errors, keep its model if among the best K, free its memory."""
     from runners import train as runner
+    from search.evaluation import log_evaluation
 
-    metrics = {"best_val_accuracy": result.val_accuracy, "best_val_loss": result.val_loss,
-               "best_val_top3_accuracy": result.val_top3_accuracy, "best_epoch": result.best_epoch,
-               "epochs_run": result.epochs_run, "param_count": result.param_count,
-               "train_seconds": result.fit_seconds, "trial_seconds": trial_seconds,
-               "logging_seconds": logging_seconds, **result.test}
+    metrics = trial_metrics(result, trial_seconds, logging_seconds)
     tracking.log_metrics(setup.client, run_id, metrics)
+    if result.tags:
+        tracking.set_tags(setup.client, run_id, result.tags)
+    if result.test_probabilities is not None:
+        log_evaluation(setup.client, run_id, data.splits["test"][1], result.test_probabilities, data.class_names)
     for key in ("test_accuracy", "test_top3_accuracy", "train_seconds", "param_count", "inference_ms"):
         trial.set_user_attr(key, metrics.get(key))
     keep_model(setup, trial, result)
     tracking.finish_trial_run(setup.client, run_id, "COMPLETE")
     runner.release(result)
+
+
+def trial_metrics(result, trial_seconds: float, logging_seconds: float) -> dict:
+    """The summary metrics of a completed trial's run, the same for every driver."""
+    return {"best_val_accuracy": result.val_accuracy, "best_val_loss": result.val_loss,
+            "best_val_top3_accuracy": result.val_top3_accuracy, "best_epoch": result.best_epoch,
+            "epochs_run": result.epochs_run, "param_count": result.param_count,
+            "train_seconds": result.fit_seconds, "trial_seconds": trial_seconds,
+            "logging_seconds": logging_seconds, **result.test}
 
 
 def models_dir(setup: Setup) -> Path:
@@ -467,20 +529,46 @@ def best_value(study: optuna.Study) -> float | None:
     return max((t.value for t in complete), default=None)
 
 
+def close_retried_run(client, study: optuna.Study, trial: optuna.Trial) -> int | None:
+    """A heartbeat retry starts with a copy of the dead attempt's user attrs: fail that attempt's MLflow run.
+
+    Returns the number of the attempt this trial retries, or None for a trial that is not a retry."""
+    history = study._storage.get_trial_system_attrs(trial._trial_id).get("retry_history")
+    if not history:
+        return None
+    stale_run = trial.user_attrs.get("mlflow_run_id")
+    if stale_run and client.get_run(stale_run).info.status == "RUNNING":
+        tracking.finish_trial_run(client, stale_run, "FAIL",
+                                  f"its worker stopped sending heartbeats; retried as trial {trial.number}")
+    return history[-1]
+
+
 def recover_stale_trials(study: optuna.Study, client, exp_id: str) -> None:
-    """After a crash: Optuna trials left RUNNING by a dead process on this host become FAIL, and open MLflow runs close."""
+    """After a crash: Optuna trials left RUNNING by a dead process on this host become FAIL, and open MLflow runs close.
+
+    With a heartbeat storage (a database server) such a trial is also queued again, as Optuna's heartbeat
+    would do after its grace period; and failed trials whose worker vanished elsewhere get their run closed."""
     host = socket.gethostname()
     storage = study._storage
+    retry = getattr(storage, "get_heartbeat_stale_trial_callback", lambda: None)()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if t.user_attrs.get("host") == host and not tracking.pid_alive(str(t.user_attrs.get("pid"))):
+        if died_here(t, host):
             storage.set_trial_user_attr(t._trial_id, "fail_reason", "its process ended during the trial")
             storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
             log.info(f"trial {t.number} was left running by a process that ended; marked failed")
+            if retry:
+                retry(study, storage.get_trial(t._trial_id))
     tracking.close_orphans(client, exp_id, live=set())
+    still_open = {run.info.run_id for run in tracking.open_runs(client, exp_id)}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        run_id = t.user_attrs.get("mlflow_run_id")
+        if run_id in still_open:
+            still_open.discard(run_id)  # a retry that never ran carries its original's run id too
+            tracking.finish_trial_run(client, run_id, "FAIL", "its worker stopped during the trial")
 
 
 def finish_invocation(setup: Setup, parent: str, summary: SearchSummary, status: str) -> None:
-    """Record the best so far on the parent run, log the best model once, and close the parent run."""
+    """Record the best so far on the parent run, log and register the best model, report, close the parent run."""
     study, client = setup.study, setup.client
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if complete:
@@ -490,7 +578,22 @@ def finish_invocation(setup: Setup, parent: str, summary: SearchSummary, status:
         tracking.set_tags(client, parent, {"search.best_trial": best.number,
                                            "search.best_params": json.dumps(best.params, default=str)})
         log_best_model(setup, best)
-    tracking.set_tags(client, parent, {"search.stopped": summary.stopped})
+        keras_path = models_dir(setup) / f"trial-{best.number}.keras"
+        try:  # results are for people: a failure here must not hide how the invocation ended
+            from search import registry, report
+            from search.results import leaderboard
+
+            if keras_path.is_file() and setup.data_cache and best.user_attrs.get("mlflow_run_id"):
+                class_names = next(iter(setup.data_cache.values())).class_names
+                version = registry.register_trial(client, study.study_name, best.user_attrs["mlflow_run_id"],
+                                                  keras_path, class_names, best.number, best.value)
+                log.info(f"best model: models:/{version.name}/{version.version} (trial {best.number})")
+            table = leaderboard([study.study_name], setup.tracking_uri)
+            report.log_study_report(client, setup.experiment_id, study.study_name, study, table,
+                                    setup.config.resolved_workdir() / "reports")
+        except Exception as err:
+            log.warning(f"could not register the best model or write the study report: {type(err).__name__}: {err}")
+    tracking.set_tags(client, parent, {"search.stopped": summary.stopped, **summary.stop_details})
     client.set_terminated(parent, status)
 
 

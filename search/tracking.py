@@ -159,6 +159,19 @@ def fluent_api(uri: str):
             os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
 
+def requirements() -> list[str]:
+    """The packages a logged model needs to load, pinned to the versions that trained it."""
+    from importlib import metadata
+
+    pins = []
+    for name in ("keras", "tensorflow-cpu", "tensorflow", "numpy", "pillow", "mlflow"):
+        try:
+            pins.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return pins
+
+
 def log_keras_model(client: MlflowClient, run_id: str, model: keras.Model, name: str = "model") -> str:
     """Log a trained Keras model to a run (MLflow's keras flavour); returns its model URI."""
     import numpy as np
@@ -167,7 +180,8 @@ def log_keras_model(client: MlflowClient, run_id: str, model: keras.Model, name:
     example = np.zeros((1, *model.input_shape[1:]), dtype=np.float32)
     signature = infer_signature(example, np.zeros((1, model.output_shape[-1]), dtype=np.float32))
     with fluent_api(client.tracking_uri), mlflow.start_run(run_id=run_id, nested=True):
-        info = mlflow.keras.log_model(model, name=name, signature=signature)
+        # explicit requirements: inferring them loads the model again in a subprocess (~20 s on 2 cores)
+        info = mlflow.keras.log_model(model, name=name, signature=signature, pip_requirements=requirements())
     return info.model_uri
 
 
