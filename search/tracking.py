@@ -37,18 +37,24 @@ def redact(url: str | None) -> str | None:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def connect(tracking_uri: str) -> MlflowClient:
-    """A client for the tracking store, checked to answer now (ConfigError if it does not)."""
+def connect(tracking_uri: str, attempts: int = 3) -> MlflowClient:
+    """A client for the tracking store, checked to answer now (ConfigError if it does not).
+
+    Workers started together race to create a new database's tables; the loser retries after a pause."""
     if tracking_uri.startswith("sqlite:///"):
         Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    client = MlflowClient(tracking_uri)
-    try:
-        client.search_experiments(max_results=1)
-    except Exception as err:  # any driver or HTTP error means the same thing to a user
-        raise ConfigError(f"MLflow tracking store {redact(tracking_uri)} cannot be reached: "
-                          f"{type(err).__name__}: {str(err).splitlines()[0][:300]}. Check --tracking-uri "
-                          "(default sqlite:///mlruns/mlflow.db) or MLFLOW_TRACKING_URI.") from None
-    return client
+    for attempt in range(attempts):
+        try:
+            client = MlflowClient(tracking_uri)
+            client.search_experiments(max_results=1)
+            return client
+        except Exception as err:  # any driver or HTTP error means the same thing to a user
+            if attempt + 1 < attempts:
+                time.sleep(2 + attempt * 2)
+                continue
+            raise ConfigError(f"MLflow tracking store {redact(tracking_uri)} cannot be reached: "
+                              f"{type(err).__name__}: {str(err).splitlines()[0][:300]}. Check --tracking-uri "
+                              "(default sqlite:///mlruns/mlflow.db) or MLFLOW_TRACKING_URI.") from None
 
 
 def experiment_id(client: MlflowClient, study: str, artifact_root: str | None) -> str:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest_postgres import postgres  # noqa: F401  (the session's PostgreSQL cluster fixture)
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests choose their own stores
