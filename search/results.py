@@ -275,19 +275,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def trial_costs(runs: pd.DataFrame) -> pd.DataFrame:
-    """Each ended trial run in the order it ended: its study, state, seconds, and the study's best accuracy so far."""
-    ended = runs[runs["end_time"].notna()].sort_values("end_time")
+    """Each ended trial run in the order it started: its study, state, seconds, and the study's best accuracy so far."""
+    ended = runs[runs["end_time"].notna()].sort_values("start_time")
+    # a completed trial's own trial_seconds (build, fit, test): its run's end moves when the best model is
+    # logged later; a pruned or failed trial costs its run's duration
+    duration = (ended["end_time"] - ended["start_time"]).dt.total_seconds()
     table = pd.DataFrame({
         "study": ended["tags.optuna.study"], "trial": ended["tags.optuna.trial_number"].astype(int),
         "state": ended["tags.search.state"].fillna("RUNNING"),
-        "seconds": (ended["end_time"] - ended["start_time"]).dt.total_seconds(),
+        "seconds": ended.get("metrics.trial_seconds", duration).fillna(duration),
         "val_accuracy": ended.get("metrics.best_val_accuracy"),
         "test_accuracy": ended.get("metrics.test_accuracy"),
     })
-    # the run's duration is the compute a trial cost, pruned and failed ones included, whichever driver ran it
     table["compute_seconds"] = table.groupby("study")["seconds"].cumsum()
     complete = table["val_accuracy"].where(table["state"] == "COMPLETE")
     table["best_so_far"] = complete.groupby(table["study"]).cummax()
+    table["best_so_far"] = table.groupby("study")["best_so_far"].ffill()  # pruned and failed trials keep the best
     return table.reset_index(drop=True)
 
 

@@ -353,3 +353,39 @@ def grid_of(space: Space) -> dict[str, list]:
 def fixed_params(space: Space) -> dict:
     """Parameters with one value: Optuna never sees them, but every run records them."""
     return {p.name: p.value for p in space.params.values() if p.type == "fixed"}
+
+
+# ---------------------------------------------------------------- Keras Tuner
+
+
+def declare_hyperparameters(hp, space: Space) -> dict:
+    """Declare every parameter on a keras_tuner HyperParameters (conditions as scopes); return the active values.
+
+    The same Param list that `suggest_params` gives Optuna: choices become Choice, ranges Int or Float (log
+    scale as sampling="log"), fixed values Fixed, and `when:` one conditional scope per parent."""
+    from contextlib import ExitStack
+
+    params: dict = {}
+    for p in space.params.values():
+        with ExitStack() as scopes:
+            for parent, allowed in p.when.items():
+                scopes.enter_context(hp.conditional_scope(parent, list(allowed)))
+            value = declare_one(hp, p)
+        if p.active(params):
+            params[p.name] = value
+    return params
+
+
+def declare_one(hp, p: Param):
+    """One parameter as Keras Tuner's Fixed, Choice, Int or Float; its value (None when inactive)."""
+    if p.type == "fixed":
+        return hp.Fixed(p.name, p.value)
+    if p.type == "categorical":
+        value = hp.Choice(p.name, list(p.choices), default=p.default)
+        # Keras Tuner stores true/false choices as 1/0 (bool is an int): give back the space's own value
+        return None if value is None else p.choices[list(p.choices).index(value)]
+    sampling = "log" if p.log else "linear"
+    if p.type == "int":
+        return hp.Int(p.name, int(p.low), int(p.high), step=int(p.step) if p.step else None, sampling=sampling,
+                      default=int(p.default))
+    return hp.Float(p.name, float(p.low), float(p.high), step=p.step, sampling=sampling, default=float(p.default))
