@@ -130,18 +130,23 @@ def train_and_evaluate(params: dict, data: Dataset, build_model, *, epochs: int,
     fit = model.fit(train, validation_data=val, epochs=epochs, verbose=0, shuffle=False,
                     callbacks=keras_callbacks + list(callbacks or []))
     fit_seconds = time.perf_counter() - started
-    history = {k: [float(v) for v in values] for k, values in fit.history.items()}
+    result = result_of(fit.history, fit_seconds, model)
+    if evaluate_test:
+        result.test, result.test_probabilities = evaluate(model, data, params)
+    return result
+
+
+def result_of(history: dict, fit_seconds: float, model: keras.Model) -> TrialResult:
+    """The best epoch's validation figures from a fit's history; a NaN loss fails the trial."""
+    history = {k: [float(v) for v in values] for k, values in history.items()}
     if any(not np.isfinite(v) for v in history.get("loss", [])):
         raise FloatingPointError(f"loss became NaN or infinite at epoch {len(history['loss'])}; "
                                  "the learning rate is probably too high for this configuration")
     best = int(np.argmax(history["val_accuracy"]))
-    result = TrialResult(history=history, best_epoch=best + 1, val_accuracy=history["val_accuracy"][best],
-                         val_loss=history["val_loss"][best], val_top3_accuracy=history["val_top3_accuracy"][best],
-                         param_count=model.count_params(), fit_seconds=fit_seconds,
-                         epochs_run=len(history["loss"]), model=model)
-    if evaluate_test:
-        result.test, result.test_probabilities = evaluate(model, data, params)
-    return result
+    return TrialResult(history=history, best_epoch=best + 1, val_accuracy=history["val_accuracy"][best],
+                       val_loss=history["val_loss"][best], val_top3_accuracy=history["val_top3_accuracy"][best],
+                       param_count=model.count_params(), fit_seconds=fit_seconds, epochs_run=len(history["loss"]),
+                       model=model)
 
 
 def evaluate(model: keras.Model, data: Dataset, params: dict) -> tuple[dict, np.ndarray]:

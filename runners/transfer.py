@@ -33,7 +33,7 @@ from keras import layers
 from runners import features, train
 from runners.datasets import Dataset
 from runners.pipeline import evaluation_batches, one_hot, training_batches
-from runners.train import ArchitectureError, EpochClock, TrialResult, make_loss, make_optimizer
+from runners.train import ArchitectureError, EpochClock, TrialResult, make_loss, make_optimizer, result_of
 from search.errors import ConfigError
 
 log = logging.getLogger("search")
@@ -406,19 +406,6 @@ def fit_callbacks(params: dict, patience: int) -> list:
     if params.get("lr_schedule") == "plateau":
         chosen.append(keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=1))
     return chosen
-
-
-def result_of(history: dict, fit_seconds: float, model: keras.Model) -> TrialResult:
-    """The best epoch's validation figures from a fit's history."""
-    history = {k: [float(v) for v in values] for k, values in history.items()}
-    if any(not np.isfinite(v) for v in history.get("loss", [])):
-        raise FloatingPointError(f"loss became NaN or infinite at epoch {len(history['loss'])}; "
-                                 "the learning rate is probably too high for this configuration")
-    best = int(np.argmax(history["val_accuracy"]))
-    return TrialResult(history=history, best_epoch=best + 1, val_accuracy=history["val_accuracy"][best],
-                       val_loss=history["val_loss"][best], val_top3_accuracy=history["val_top3_accuracy"][best],
-                       param_count=model.count_params(), fit_seconds=fit_seconds, epochs_run=len(history["loss"]),
-                       model=model)
 
 
 def test_metrics(probabilities: np.ndarray, y: np.ndarray, n_classes: int, params: dict, seconds: float) -> dict:

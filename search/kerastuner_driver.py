@@ -71,38 +71,26 @@ class TunerSetup:
 
 def prepare(config: SearchConfig) -> TunerSetup:
     """Read the space, translate it, find the data, open MLflow: every configuration error surfaces here."""
-    try:
-        return _prepare(config)
-    except ConfigError:
-        raise
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        raise ConfigError(str(err).strip("'\"")) from None
+    return optuna_driver.as_config_error(_prepare, config)
 
 
 def _prepare(config: SearchConfig) -> TunerSetup:
     if config.tuner not in TUNERS:
         raise ConfigError(f"unknown tuner '{config.tuner}'; available: {', '.join(TUNERS)}")
     workdir = config.resolved_workdir()
-    dataset = config.dataset or spaces.load_space(config.space).dataset
-    space = spaces.load_space(config.space, dataset)
-    budget = space.budget
-    if config.image_size:
-        space.params["image_size"] = spaces.Param("image_size", "fixed", value=config.image_size,
-                                                  default=config.image_size)
+    dataset, space, budget = optuna_driver.resolve_space(config)
     if not hasattr(optuna_driver.model_runner(space.model), "build_model"):
         raise ConfigError(f"model '{space.model}' has no build_model(params, image_size, n_classes), which the "
                           "Keras Tuner driver needs; use --driver optuna for it")
     check_translation(space)
     study_name = config.study_name or f"{space.name}-{dataset.split(':')[0]}-kerastuner"
     uri = tracking_uri(config.tracking_uri, workdir)
-    subset = budget["subset"] if config.subset is None else (config.subset or None)
     cache: dict = {}
-    optuna_driver.probe_data(config, dataset, space, subset, workdir, cache)
+    optuna_driver.probe_data(config, dataset, space, budget.subset, workdir, cache)
     client = tracking.connect(uri)
     exp_id = tracking.experiment_id(client, study_name, artifact_root(uri, workdir))
-    return TunerSetup(config, space, dataset, study_name, target=config.trials or budget["trials"],
-                      timeout=budget["timeout"] if config.timeout is None else (config.timeout or None),
-                      epochs=config.epochs or budget["epochs"], patience=budget["patience"], subset=subset,
+    return TunerSetup(config, space, dataset, study_name, target=budget.trials, timeout=budget.timeout,
+                      epochs=budget.epochs, patience=budget.patience, subset=budget.subset,
                       client=client, experiment_id=exp_id, tracking_uri=uri,
                       directory=workdir / "kerastuner", data_cache=cache)
 
@@ -206,7 +194,7 @@ class SpaceHyperModel(kt.HyperModel):
         started = time.perf_counter()
         history = model.fit(train, validation_data=val, epochs=epochs, initial_epoch=initial_epoch, verbose=0,
                             shuffle=False, callbacks=ours + [record.logger, record.progress] + tuner_callbacks)
-        result = trial_result(history.history, model, time.perf_counter() - started)
+        result = runner.result_of(history.history, time.perf_counter() - started, model)
         result.test, result.test_probabilities = runner.evaluate(model, data, params)
         log_completed(setup, record, result, time.perf_counter() - record.started, data)
         record.completed = True
@@ -253,23 +241,6 @@ class SpaceHyperModel(kt.HyperModel):
         tracking.finish_trial_run(self.setup.client, record.run_id, state, reason)
         runner.release()
         return state
-
-
-def trial_result(history: dict, model, fit_seconds: float):
-    """The runner's TrialResult from a Keras history (NaN losses fail the trial, as in the runner)."""
-    import numpy as np
-
-    from runners.train import TrialResult
-
-    history = {k: [float(v) for v in values] for k, values in history.items()}
-    if any(not np.isfinite(v) for v in history.get("loss", [])):
-        raise FloatingPointError(f"loss became NaN or infinite at epoch {len(history['loss'])}; "
-                                 "the learning rate is probably too high for this configuration")
-    best = int(np.argmax(history["val_accuracy"]))
-    return TrialResult(history=history, best_epoch=best + 1, val_accuracy=history["val_accuracy"][best],
-                       val_loss=history["val_loss"][best], val_top3_accuracy=history["val_top3_accuracy"][best],
-                       param_count=model.count_params(), fit_seconds=fit_seconds,
-                       epochs_run=len(history["loss"]), model=model)
 
 
 def log_completed(setup: TunerSetup, record: TrialRecord, result, trial_seconds: float, data) -> None:

@@ -24,7 +24,8 @@ from search.errors import ConfigError
 STATE_ORDER = {"COMPLETE": 0, "PRUNED": 1, "FAIL": 2, "KILLED": 3, "RUNNING": 4}
 METRICS = {"best_val_accuracy": "val_accuracy", "test_accuracy": "test_accuracy",
            "test_top3_accuracy": "test_top3", "best_val_loss": "val_loss", "train_seconds": "train_seconds",
-           "inference_ms": "inference_ms", "param_count": "params", "epochs_run": "epochs"}
+           "inference_ms": "inference_ms", "param_count": "params", "epochs_run": "epochs",
+           "process_peak_rss_mb": "peak_rss_mb"}
 CONTEXT = ["dataset", "subset", "epochs_max", "patience", "seed", "model"]
 FORMATS = ("md", "csv", "html", "latex")
 

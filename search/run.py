@@ -51,6 +51,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--min-improvement", type=float, default=d.min_improvement,
                    help="validation-accuracy gain that counts as progress (default 0: any gain)")
     p.add_argument("--within", type=float, help="end the study after this many minutes without that gain")
+    p.add_argument("--max-memory-growth", type=float, default=d.max_memory_growth, metavar="MB",
+                   help="restart this process when it has grown by MB since its first trial (default 2048)")
     p.add_argument("--no-default-trial", dest="default_trial", action="store_false",
                    help="do not try the space's default configuration first in a new study")
     p.add_argument("--backbone", help="transfer space: restrict the backbone choice to NAME[,NAME...]")
@@ -71,6 +73,15 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
     """A SearchConfig from parsed arguments (only the fields it has)."""
     names = {f.name for f in fields(SearchConfig)}
     return SearchConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def restart() -> None:
+    """Replace this process by a fresh one with the same arguments: the study resumes where it stopped."""
+    import os
+
+    print("restarting with a fresh process (memory limit); the study resumes", flush=True)
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "search.run", *sys.argv[1:]])
 
 
 def rerun_trial(args: argparse.Namespace) -> int:
@@ -112,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: the running trial was recorded as killed; run the same command to resume.",
               file=sys.stderr)
         return 130
+    if summary.stopped == "memory" and argv is None:  # only a real command line is replaced
+        restart()
     table = leaderboard([summary.study_name], tracking_uri=config.tracking_uri, workdir=config.workdir)
     print(f"\nstudy {summary.study_name}: {summary.counted} of {summary.target} trials "
           f"(this run: {summary.trials_run}); best val_accuracy "

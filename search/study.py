@@ -25,7 +25,7 @@ from search import tracking
 from search.config import (SearchConfig, artifact_root, default_optuna_stores, optuna_storage_url,
                            tracking_uri)
 from search.errors import ConfigError
-from search.stopping import StudyPatience
+from search.stopping import MemoryWatch, StudyPatience
 
 log = logging.getLogger("search")
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -151,26 +151,49 @@ class Setup:
 
 def prepare(config: SearchConfig) -> Setup:
     """Read the space, find the data, open both stores: every configuration error surfaces here."""
+    return as_config_error(_prepare, config)
+
+
+def as_config_error(build, config: SearchConfig):
+    """Run a driver's set-up, turning missing files and bad values into ConfigError (exit 2)."""
     try:
-        return _prepare(config)
+        return build(config)
     except ConfigError:
         raise
     except (FileNotFoundError, ValueError, KeyError) as err:
         raise ConfigError(str(err).strip("'\"")) from None
 
 
-def _prepare(config: SearchConfig) -> Setup:
-    workdir = config.resolved_workdir()
+@dataclass
+class Budget:
+    """The space's budget after the command line's overrides (0 means none for timeout and subset)."""
+
+    trials: int
+    epochs: int
+    timeout: float | None
+    subset: int | None
+    patience: int
+
+
+def resolve_space(config: SearchConfig) -> tuple[str, spaces.Space, Budget]:
+    """The dataset, the checked space for it (with --image-size applied) and the budget: for every driver."""
     dataset = config.dataset or spaces.load_space(config.space).dataset
     space = spaces.load_space(config.space, dataset)
-    budget = space.budget
-    target = config.trials or budget["trials"]
-    epochs = config.epochs or budget["epochs"]
-    timeout = budget["timeout"] if config.timeout is None else (config.timeout or None)
-    subset = budget["subset"] if config.subset is None else (config.subset or None)
+    b = space.budget
+    budget = Budget(trials=config.trials or b["trials"], epochs=config.epochs or b["epochs"],
+                    timeout=b["timeout"] if config.timeout is None else (config.timeout or None),
+                    subset=b["subset"] if config.subset is None else (config.subset or None),
+                    patience=b["patience"])
     if config.image_size:
         space.params["image_size"] = spaces.Param("image_size", "fixed", value=config.image_size,
                                                   default=config.image_size)
+    return dataset, space, budget
+
+
+def _prepare(config: SearchConfig) -> Setup:
+    workdir = config.resolved_workdir()
+    dataset, space, budget = resolve_space(config)
+    target, epochs, timeout, subset = budget.trials, budget.epochs, budget.timeout, budget.subset
     runner = model_runner(space.model)
     if hasattr(runner, "prepare_space"):
         runner.prepare_space(space, config)  # transfer: --backbone narrows the choice, --weights is checked
@@ -188,7 +211,7 @@ def _prepare(config: SearchConfig) -> Setup:
                                 pruner=make_pruner(config.pruner, epochs))
     client = tracking.connect(uri)
     exp_id = tracking.experiment_id(client, study_name, artifact_root(uri, workdir))
-    return Setup(config, space, dataset, study, target, timeout, epochs, budget["patience"], subset, client, exp_id,
+    return Setup(config, space, dataset, study, target, timeout, epochs, budget.patience, subset, client, exp_id,
                  storage_url, uri, setup_data)
 
 
@@ -307,7 +330,8 @@ def optimize(setup: Setup, parent: str, environment: dict, summary: SearchSummar
         return
     failures = FailureStreak(setup.config.max_failures)
     patience = StudyPatience(setup.config.study_patience, setup.config.min_improvement, setup.config.within)
-    callbacks = [optuna.study.MaxTrialsCallback(setup.target, states=COUNTED), failures, patience]
+    memory = MemoryWatch(setup.config.max_memory_growth)
+    callbacks = [optuna.study.MaxTrialsCallback(setup.target, states=COUNTED), failures, patience, memory]
     objective = make_objective(setup, parent, environment, summary)
     study.optimize(objective, n_trials=None, timeout=setup.timeout, callbacks=callbacks,
                    catch=(Exception,))  # runners.train.release collects garbage once per trial
@@ -315,7 +339,11 @@ def optimize(setup: Setup, parent: str, environment: dict, summary: SearchSummar
     if failures.tripped:
         summary.stopped = "failures"
         raise SearchAborted(f"{failures.limit} trials failed in a row; the last one: {failures.last_reason}")
-    if patience.reason:
+    if memory.reason:
+        summary.stopped = "memory"
+        summary.stop_details = memory.figures
+        log.info(f"stopped: {memory.reason}")
+    elif patience.reason:
         summary.stopped = "patience"
         summary.stop_details = patience.figures
         log.info(f"stopped: {patience.reason}")
@@ -510,7 +538,10 @@ def close_completed_run(client, run_id: str, labels, probabilities, class_names:
 
 def trial_metrics(result, trial_seconds: float, logging_seconds: float) -> dict:
     """The summary metrics of a completed trial's run, the same for every driver."""
-    return {"best_val_accuracy": result.val_accuracy, "best_val_loss": result.val_loss,
+    import resource
+
+    return {"process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "best_val_accuracy": result.val_accuracy, "best_val_loss": result.val_loss,
             "best_val_top3_accuracy": result.val_top3_accuracy, "best_epoch": result.best_epoch,
             "epochs_run": result.epochs_run, "param_count": result.param_count,
             "train_seconds": result.fit_seconds, "trial_seconds": trial_seconds,
