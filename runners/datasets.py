@@ -135,19 +135,40 @@ def load_photo_dataset(name: str, listing, image_size: int, subset: int | None, 
     images, kept, bad = cached_images(listing, image_size, crop, workdir)
     paths = [listing.paths[i] for i in kept]
     labels = np.asarray(listing.labels)[kept].astype(np.int32)
-    official = None if listing.official_split is None else np.asarray(listing.official_split)[kept]
-    sides = split_sides(paths, official)
+    sides = split_sides(paths, official_of(listing, kept))
     splits, keys = {}, {}
     for side in ("train", "val", "test"):
         index = np.flatnonzero(sides == side)
-        x, y, k = take_subset(images[index], labels[index], [paths[i] for i in index], subset)
+        x = images[contiguous(index)]  # the cache is stored split by split: a view of the memory map, no copy
+        x, y, k = take_subset(x, labels[index], [paths[i] for i in index], subset)
         splits[side], keys[side] = (x, y), k
     return Dataset(name, list(listing.class_names), splits, keys, image_size, str(listing.root), bad,
                    class_ids=list(listing.class_ids))
 
 
+def official_of(listing, index: np.ndarray) -> np.ndarray | None:
+    """The official train/test side of the listed images at these indices, if the data set has one."""
+    return None if listing.official_split is None else np.asarray(listing.official_split)[index]
+
+
+def contiguous(index: np.ndarray):
+    """A slice when the indices are one run (a view of a memory map), else the indices themselves (a copy)."""
+    if len(index) and index[-1] - index[0] + 1 == len(index):
+        return slice(int(index[0]), int(index[-1]) + 1)
+    return index
+
+
+def split_order(listing) -> np.ndarray:
+    """Listing indices ordered train, val, test (stable), so each split is one run of the cache."""
+    sides = split_sides(listing.paths, official_of(listing, np.arange(len(listing.paths))))
+    rank = np.select([sides == "train", sides == "val"], [0, 1], 2)
+    return np.argsort(rank, kind="stable")
+
+
 def cached_images(listing, image_size: int, crop: bool, workdir: Path):
-    """Decoded, resized images of a listing from the cache; decoded and written there on first use."""
+    """Decoded, resized images of a listing from the cache; decoded and written there on first use.
+
+    Returns the images, the listing index of each (split by split) and the files that were skipped."""
     from runners import photos
 
     key = cache_key(listing, image_size, crop)
@@ -157,10 +178,13 @@ def cached_images(listing, image_size: int, crop: bool, workdir: Path):
         index = json.loads(done.read_text())
         images = np.load(folder / "images.npy", mmap_mode="r")
         return images, np.asarray(index["kept"], dtype=np.int64), [tuple(b) for b in index["bad"]]
+    order = split_order(listing)
     boxes = listing.boxes if crop else None
-    images, kept, bad = photos.load_images(listing.root, listing.paths, image_size, boxes=boxes)
+    images, kept, bad = photos.load_images(listing.root, [listing.paths[i] for i in order], image_size, boxes=boxes)
+    kept = order[kept]
     folder.mkdir(parents=True, exist_ok=True)
     np.save(folder / "images.npy", images)
+    del images  # read back memory-mapped below: the decoded copy need not stay resident
     # index.json is written last: a cache without it was interrupted and is rebuilt, never used
     done.write_text(json.dumps({"kept": [int(i) for i in kept], "bad": [list(b) for b in bad],
                                 "root": str(listing.root), "size": image_size, "crop": crop}))
@@ -169,7 +193,7 @@ def cached_images(listing, image_size: int, crop: bool, workdir: Path):
 
 def cache_key(listing, image_size: int, crop: bool) -> str:
     """Changes when the files, their sizes or times, the image size or cropping change."""
-    digest = hashlib.sha256(f"{Path(listing.root).resolve()}|{image_size}|{crop}".encode())
+    digest = hashlib.sha256(f"split-ordered|{Path(listing.root).resolve()}|{image_size}|{crop}".encode())
     for rel in listing.paths:
         stat = (Path(listing.root) / rel).stat()
         digest.update(f"{rel}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())

@@ -60,7 +60,7 @@ def peak_trial_memory(data_dir: str | None, image_size: int) -> float:
     with tempfile.TemporaryDirectory() as workdir:
         command = [sys.executable, "-m", "search.run", "--space", "scratch_cnn", "--dataset", "stanford_dogs",
                    "--image-size", str(image_size), "--trials", "1", "--epochs", "1", "--subset", "0",
-                   "--workdir", workdir, "--quiet", "--no-default-trial"]
+                   "--workdir", workdir, "--quiet"]  # the first trial of a new study is the space's default
         command += ["--data-dir", data_dir] if data_dir else []
         subprocess.run(command, check=True, capture_output=True)
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20
