@@ -42,7 +42,7 @@ class SearchConfig:
     study_patience: int | None = None      # stop after N completed trials without min_improvement
     min_improvement: float = 0.0           # the gain (val accuracy) that counts as improving
     within: float | None = None            # ... or stop after this many minutes without it
-    max_memory_growth: float = 2048        # MB a worker may grow after its first trial before it restarts
+    max_memory_growth: float = 400         # MB a worker may grow after its first trial before it restarts
     driver: str = "optuna"                 # optuna | kerastuner
     tuner: str = "hyperband"               # kerastuner driver: hyperband | bayesian | random
     extra_tags: dict = field(default_factory=dict)
