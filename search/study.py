@@ -615,6 +615,8 @@ def finish_invocation(setup: Setup, parent: str, summary: SearchSummary, status:
     """Record the best so far on the parent run, log and register the best model, report, close the parent run."""
     study, client = setup.study, setup.client
     setup.background.shutdown(wait=True)  # every trial's evaluation is logged and its run closed
+    # a worker that died while this one finished the study must not leave its trial running forever
+    recover_stale_trials(study, client, setup.experiment_id)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if complete:
         best = max(complete, key=lambda t: t.value)

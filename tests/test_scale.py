@@ -162,12 +162,13 @@ def running_trial_of(study: optuna.Study, pid: int, timeout: float) -> optuna.tr
 
 @pytest.fixture(scope="module")
 def killed_worker(postgres, cifar_dir, tmp_path_factory):
-    """Two workers on a 4-trial study with a 2 s heartbeat; one is SIGKILLed during its first trial."""
+    """Two workers on an 8-trial study with a 2 s heartbeat; one is SIGKILLed during its first trial."""
     folder = tmp_path_factory.mktemp("killed-worker")
     space = write_space(folder, TINY_SPACE)
     storage, tracking = postgres.url("optuna"), postgres.url("mlflow")
     create_stores(storage, tracking)
-    args = ("--storage", storage, "--tracking-uri", tracking, "--study-name", "killed", "--trials", "4")
+    # enough trials that the survivor is still claiming when the dead trial's heartbeat goes stale (6 s)
+    args = ("--storage", storage, "--tracking-uri", tracking, "--study-name", "killed", "--trials", "8")
     victim, survivor = (start_worker(folder, name, space, cifar_dir, *args, SEARCH_HEARTBEAT_SECONDS="2")
                         for name in ("victim", "survivor"))
     try:
@@ -201,7 +202,7 @@ def test_a_killed_workers_trial_is_retried_by_a_surviving_worker(killed_worker):
 def test_no_completed_trial_is_lost_when_a_worker_dies(killed_worker):
     complete = {n for n, t in killed_worker.trials.items() if t.state == TrialState.COMPLETE}
     assert killed_worker.completed_before <= complete
-    assert len([t for t in killed_worker.trials.values() if t.state in COUNTED]) == 4
+    assert len([t for t in killed_worker.trials.values() if t.state in COUNTED]) == 8
 
 
 @pytest.mark.slow
