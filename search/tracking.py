@@ -65,7 +65,14 @@ def experiment_id(client: MlflowClient, study: str, artifact_root: str | None) -
             client.restore_experiment(found.experiment_id)
         return found.experiment_id
     location = Path(artifact_root).resolve().as_uri() if artifact_root else None
-    return client.create_experiment(study, artifact_location=location)
+    try:
+        return client.create_experiment(study, artifact_location=location)
+    except mlflow.exceptions.MlflowException:
+        # another worker created it between our look-up and our insert: use theirs
+        found = client.get_experiment_by_name(study)
+        if found is None:
+            raise
+        return found.experiment_id
 
 
 def start_parent_run(client: MlflowClient, exp_id: str, study: str, settings: dict, environment: dict,
