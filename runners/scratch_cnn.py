@@ -45,14 +45,7 @@ def build_model(params: dict, image_size: int, n_classes: int) -> keras.Model:
             x = layers.ReLU()(x)
         x = pool(2)(x)
     x = layers.Flatten()(x) if params.get("head", "flatten") == "flatten" else layers.GlobalAveragePooling2D()(x)
-    for _ in range(params.get("dense_layers", 0)):
-        x = layers.Dense(params["dense_units"], activation="relu")(x)
-        x = layers.Dropout(params["dropout"])(x)
-    if not params.get("dense_layers", 0):
-        x = layers.Dropout(params["dropout"])(x)
-    # float32 output keeps softmax stable under mixed precision
-    outputs = layers.Dense(n_classes, activation="softmax", dtype="float32", name="probabilities")(x)
-    return keras.Model(inputs, outputs, name="scratch_cnn")
+    return keras.Model(inputs, train.classifier_head(x, params, n_classes), name="scratch_cnn")
 
 
 def train_and_evaluate(params: dict, data, **kwargs) -> train.TrialResult:

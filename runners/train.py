@@ -73,6 +73,19 @@ class Progress(keras.callbacks.Callback):
                  f"  best so far {best}")
 
 
+def classifier_head(x, params: dict, n_classes: int):
+    """`dense_layers` dense layers of `dense_units`, each followed by dropout, then a softmax over n_classes."""
+    from keras import layers
+
+    for _ in range(params.get("dense_layers", 0)):
+        x = layers.Dense(params["dense_units"], activation="relu")(x)
+        x = layers.Dropout(params["dropout"])(x)
+    if not params.get("dense_layers", 0):
+        x = layers.Dropout(params["dropout"])(x)
+    # float32 output keeps softmax stable under mixed precision
+    return layers.Dense(n_classes, activation="softmax", dtype="float32", name="probabilities")(x)
+
+
 def make_optimizer(params: dict, steps_per_epoch: int, epochs: int) -> keras.optimizers.Optimizer:
     """The optimiser and learning-rate schedule a trial asked for."""
     lr = params["learning_rate"]

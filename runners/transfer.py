@@ -240,14 +240,7 @@ def preprocessing(backbone: Backbone):
 def build_head(params: dict, feature_dim: int, n_classes: int) -> keras.Model:
     """Dense layers of `dense_units` with dropout, then a softmax over n_classes, on pooled features."""
     inputs = keras.Input((feature_dim,), name="features")
-    x = inputs
-    for _ in range(params.get("dense_layers", 0)):
-        x = layers.Dense(params["dense_units"], activation="relu")(x)
-        x = layers.Dropout(params["dropout"])(x)
-    if not params.get("dense_layers", 0):
-        x = layers.Dropout(params["dropout"])(x)
-    outputs = layers.Dense(n_classes, activation="softmax", dtype="float32", name="probabilities")(x)
-    return keras.Model(inputs, outputs, name="head")
+    return keras.Model(inputs, train.classifier_head(inputs, params, n_classes), name="head")
 
 
 def pooling_layer(name: str):
