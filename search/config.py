@@ -29,7 +29,10 @@ class SearchConfig:
     tracking_uri: str | None = None        # MLflow (else MLFLOW_TRACKING_URI, else sqlite under workdir)
     workdir: str = "mlruns"                # stores, caches, checkpoints, models, reports
     sampler: str = "tpe"                   # tpe | random | grid | cmaes
-    pruner: str = "median"                 # median | hyperband | sha | none
+    pruner: str = "auto"                   # auto (hyperband with a time budget, else median) | median | hyperband | sha | none
+    objectives: str = "val_accuracy"       # val_accuracy[,train_seconds|inference_ms|params]: several = Pareto search
+    max_params: int | None = None          # constraint: models with more parameters are infeasible
+    max_inference_ms: float | None = None  # constraint: models slower per image are infeasible
     seed: int = 0                          # study seed; trial t trains with seed*1000 + t
     max_failures: int = 5                  # failed trials in a row before the invocation stops
     keep_models: int = 3                   # models of the best K trials kept on disk
@@ -37,6 +40,7 @@ class SearchConfig:
     workers: int = 1                       # processes sharing the study (journal storage by default)
     mixed_precision: bool | None = None    # None = on for GPUs that support it
     default_trial: bool = True             # a new study tries the space's defaults first
+    baselines: bool = False                # the space's hand-made configurations go first (--baselines)
     backbone: str | None = None            # transfer: restrict the backbone choice (NAME[,NAME...])
     weights: str | None = None             # transfer: imagenet weights file, or "none" for random init
     study_patience: int | None = None      # stop after N completed trials without min_improvement
@@ -52,6 +56,12 @@ class SearchConfig:
         path = Path(self.workdir).expanduser()
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+
+# What a study can optimise: the first is always validation accuracy; the others are costs to minimise,
+# each read from a completed trial's metrics.
+OBJECTIVES = {"val_accuracy": ("maximize", "best_val_accuracy"), "train_seconds": ("minimize", "train_seconds"),
+              "inference_ms": ("minimize", "inference_ms"), "params": ("minimize", "param_count")}
 
 
 def sqlite_url(path: Path) -> str:

@@ -153,7 +153,8 @@ class SpaceHyperModel(kt.HyperModel):
         data = optuna_driver.dataset_at(self.setup, params["image_size"])
         steps = math.ceil(len(data.splits["train"][1]) / params["batch_size"])
         try:
-            model = self.runner.build_model(params, data.image_size, len(data.class_names))
+            model = self.runner.build_model(params, data.image_size, len(data.class_names),
+                                             self.setup.space.architectures)
         except ArchitectureError as err:
             if self.current:
                 self.current.rejection = str(err)

@@ -60,14 +60,21 @@ def optuna_plots(study, backend) -> dict:
     from optuna.importance import FanovaImportanceEvaluator
 
     ranked = ranked_params(study)
+    # with several objectives every plot but the front shows the first, validation accuracy
+    on = {} if len(study.directions) == 1 else {"target": lambda t: t.values[0], "target_name": "val_accuracy"}
     draws = {
-        "optimization_history": lambda: backend.plot_optimization_history(study),
-        "parallel_coordinate": lambda: backend.plot_parallel_coordinate(study),
-        "param_importances": lambda: backend.plot_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0)),
-        "slice": lambda: backend.plot_slice(study, params=ranked[:SLICE_PARAMS] or None),
+        "optimization_history": lambda: backend.plot_optimization_history(study, **on),
+        "parallel_coordinate": lambda: backend.plot_parallel_coordinate(study, **on),
+        "param_importances": lambda: backend.plot_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0),
+                                                                    **on),
+        "slice": lambda: backend.plot_slice(study, params=ranked[:SLICE_PARAMS] or None, **on),
     }
     if len(ranked) >= 2:  # a contour of every pair would be unreadable: the two most important only
-        draws["contour"] = lambda: backend.plot_contour(study, params=ranked[:2])
+        draws["contour"] = lambda: backend.plot_contour(study, params=ranked[:2], **on)
+    if len(study.directions) > 1:
+        names = study.user_attrs.get("objectives", "").split(",")
+        draws["pareto_front"] = lambda: backend.plot_pareto_front(
+            study, target_names=names if len(names) == len(study.directions) else None)
     figures = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the matplotlib backend is "experimental" and says so on every call

@@ -57,7 +57,8 @@ def rerun(spec: str, storage: str | None = None, tracking_uri: str | None = None
     result = model_runner(space.model).train_and_evaluate(
         params, data, epochs=int(context["epochs_max"]), patience=int(context["patience"]),
         seed=int(context["seed"]), recipes=space.recipes, callbacks=[tracking.EpochLogger(client, run_id)],
-        options={"workdir": str(Path(workdir)), "data_dir": none_if(settings.get("data_dir"))})
+        options={"workdir": str(Path(workdir)), "data_dir": none_if(settings.get("data_dir")),
+                 "architectures": space.architectures})
     tracking.log_metrics(client, run_id, {"best_val_accuracy": result.val_accuracy, **result.test})
     client.set_terminated(run_id, "FINISHED")
     was = original.data.metrics.get("best_val_accuracy")

@@ -25,7 +25,7 @@ STATE_ORDER = {"COMPLETE": 0, "PRUNED": 1, "FAIL": 2, "KILLED": 3, "RUNNING": 4}
 METRICS = {"best_val_accuracy": "val_accuracy", "test_accuracy": "test_accuracy",
            "test_top3_accuracy": "test_top3", "best_val_loss": "val_loss", "train_seconds": "train_seconds",
            "inference_ms": "inference_ms", "param_count": "params", "epochs_run": "epochs",
-           "process_peak_rss_mb": "peak_rss_mb"}
+           "budget_fraction": "budget", "process_peak_rss_mb": "peak_rss_mb"}
 CONTEXT = ["dataset", "subset", "epochs_max", "patience", "seed", "model"]
 FORMATS = ("md", "csv", "html", "latex")
 
@@ -71,6 +71,10 @@ def leaderboard(studies: list[str], tracking_uri: str | None = None, workdir: st
     for name in CONTEXT:
         if f"params.{name}" in runs:
             table[name] = runs[f"params.{name}"].map(parse_value)
+    # where a trial came from: the sampler, the default, a warm start or a hand-made baseline (--baselines)
+    table["source"] = runs.get("tags.search.source", pd.Series("sampler", index=runs.index)).fillna("sampler")
+    if "tags.search.feasible" in runs:
+        table["feasible"] = runs["tags.search.feasible"].map(parse_value)
     if "tags.search.reason" in runs:
         table["reason"] = runs["tags.search.reason"]
     table["run_id"] = runs["run_id"]
@@ -81,6 +85,24 @@ def leaderboard(studies: list[str], tracking_uri: str | None = None, workdir: st
     table = table.drop(columns="_order").reset_index(drop=True)
     table.insert(0, "rank", range(1, len(table) + 1))
     return table
+
+
+def at_epochs(table: pd.DataFrame, epochs: int, tracking_uri: str | None = None,
+              workdir: str = "mlruns") -> pd.DataFrame:
+    """The leaderboard at equal fidelity: each trial's best validation accuracy within its first `epochs` epochs,
+    from its MLflow metric history; trials that stopped earlier (pruned after fewer epochs) are left out."""
+    from search.tracking import connect
+
+    client = connect(resolve_tracking_uri(tracking_uri, workdir))
+    values = []
+    for run_id in table["run_id"]:
+        history = [m.value for m in sorted(client.get_metric_history(run_id, "val_accuracy"), key=lambda m: m.step)]
+        values.append(max(history[:epochs]) if len(history) >= epochs else None)
+    ranked = table.assign(val_accuracy=values, epochs=epochs).dropna(subset=["val_accuracy"])
+    ranked = ranked.drop(columns=["rank", "test_accuracy", "test_top3"], errors="ignore")  # tests were of the final model
+    ranked = ranked.sort_values(["val_accuracy", "trial"], ascending=[False, True]).reset_index(drop=True)
+    ranked.insert(0, "rank", range(1, len(ranked) + 1))
+    return ranked
 
 
 def parse_value(text):
@@ -174,7 +196,8 @@ def importances(study) -> pd.DataFrame:
 
     try:
         found = optuna.importance.get_param_importances(
-            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0),
+            target=None if len(study.directions) == 1 else (lambda t: t.values[0]))
     except (RuntimeError, ValueError):  # fewer than two completed trials, or no parameter that varied
         found = {}
     return pd.DataFrame({"param": list(found), "importance": list(found.values())})
@@ -202,6 +225,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, help="only the best K rows")
     p.add_argument("--complete-only", action="store_true", help="leave out pruned and failed trials")
     p.add_argument("--group-by", help="PARAM[,PARAM]: trials, best and mean validation accuracy per value")
+    p.add_argument("--at-epochs", type=int, metavar="N",
+                   help="equal fidelity: rank every trial that reached N epochs by its best val accuracy in them")
     p.add_argument("--pareto", action="store_true",
                    help="only the Pareto front of accuracy against training time, inference time and size")
     p.add_argument("--importances", action="store_true", help="also Optuna's parameter importances per study")
@@ -254,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("name a study with --study NAME (repeat for several), or use --all")
         studies = all_studies(args.tracking_uri, args.workdir) if args.all else args.study
         table = leaderboard(studies, args.tracking_uri, args.workdir, args.complete_only)
+        if args.at_epochs:
+            table = at_epochs(table, args.at_epochs, args.tracking_uri, args.workdir)
         if len(studies) > 1:
             table = side_by_side(table)
         shown = chosen_table(table, args)

@@ -39,7 +39,15 @@ def parser() -> argparse.ArgumentParser:
                                           "sqlite:///mlruns/mlflow.db)")
     p.add_argument("--workdir", default=d.workdir, help="stores, caches, checkpoints, models (default mlruns/)")
     p.add_argument("--sampler", default=d.sampler, choices=["tpe", "random", "grid", "cmaes"])
-    p.add_argument("--pruner", default=d.pruner, choices=["median", "hyperband", "sha", "none"])
+    p.add_argument("--pruner", default=d.pruner, choices=["auto", "median", "hyperband", "sha", "none"],
+                   help="auto (default): Hyperband over epochs when the run has a time budget, else median")
+    p.add_argument("--baselines", action="store_true",
+                   help="run the space's hand-made configurations first (the seed studies' grid), tagged as baselines")
+    p.add_argument("--objectives", default=d.objectives,
+                   help="val_accuracy[,train_seconds|inference_ms|params]: more than one = multi-objective "
+                        "search, the leaderboard's --pareto shows the front")
+    p.add_argument("--max-params", type=int, help="constraint: a model with more parameters is infeasible")
+    p.add_argument("--max-inference-ms", type=float, help="constraint: a model slower per test image is infeasible")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--max-failures", type=int, default=d.max_failures, help="failed trials in a row before stopping")
     p.add_argument("--keep-models", type=int, default=d.keep_models, help="models of the best K trials kept on disk")

@@ -18,11 +18,18 @@ import yaml
 
 from search.errors import ConfigError
 
-TOP_KEYS = {"name", "description", "model", "dataset", "budget", "params", "datasets", "recipes", "fidelity"}
+TOP_KEYS = {"name", "description", "model", "dataset", "budget", "params", "datasets", "recipes", "fidelity",
+            "architectures", "baselines"}
 BUDGET_KEYS = {"trials": int, "epochs": int, "patience": int, "subset": (int, type(None)), "timeout": (int, float, type(None))}
 PARAM_KEYS = {"type", "low", "high", "step", "log", "choices", "default", "when", "value", "grid"}
 PARAM_TYPES = ("int", "float", "categorical", "fixed")
 DATASET_KINDS = ("cifar10", "stanford_dogs", "folder")
+# A named architecture: conv blocks in order, then the head. "param" defers to the trial's parameter of that name.
+ARCHITECTURE_KEYS = {"blocks", "head", "dense", "dropout", "batch_norm", "residual"}
+BLOCK_KEYS = {"filters", "kernel", "strides", "convs", "pool"}
+BLOCK_POOLS = ("max", "average", "none", "param")
+HEADS = ("flatten", "global_average", "param")
+BASELINE_KEYS = {"name", "params", "grid"}
 
 
 class SpaceError(ConfigError):
@@ -64,6 +71,8 @@ class Space:
     text: str
     raw: dict = field(repr=False, default_factory=dict)
     fidelity: dict = field(default_factory=dict)
+    architectures: dict[str, dict] = field(default_factory=dict)   # name -> blocks and head (see check_architecture)
+    baselines: list[dict] = field(default_factory=list)            # this dataset's hand-made configurations
 
 
 # ---------------------------------------------------------------- finding and reading
@@ -104,7 +113,7 @@ def load_space(name_or_path: str, dataset: str | None = None) -> Space:
     check_space(raw, path)
     kind = dataset_kind(dataset or raw.get("dataset", "cifar10"))
     resolved = resolve_dataset(raw, kind)
-    return Space(
+    space = Space(
         name=str(raw.get("name", path.stem)),
         model=str(raw.get("model", "scratch_cnn")),
         dataset=raw.get("dataset", "cifar10"),
@@ -115,7 +124,11 @@ def load_space(name_or_path: str, dataset: str | None = None) -> Space:
         text=text,
         raw=raw,
         fidelity=dict(raw.get("fidelity") or {}),
+        architectures=dict(raw.get("architectures") or {}),
+        baselines=list((raw.get("baselines") or {}).get(kind) or []),
     )
+    check_baselines(space)
+    return space
 
 
 def dataset_kind(dataset: str) -> str:
@@ -162,6 +175,120 @@ def check_space(raw: dict, path: Path) -> None:
         check_budget(override.get("budget") or {}, f"{where}: datasets.{kind}.budget")
         check_params({**params, **(override.get("params") or {})}, f"{where}: datasets.{kind}.params", recipes)
     check_recipes(recipes, f"{where}: recipes")
+    architectures = raw.get("architectures") or {}
+    unknown(architectures, set(architectures) if isinstance(architectures, dict) else set(), f"{where}: architectures")
+    for name, spec in architectures.items():
+        check_architecture(spec, f"{where}: architectures.{name}")
+    check_architecture_choices(raw, architectures, where)
+    baselines = raw.get("baselines") or {}
+    unknown(baselines, set(DATASET_KINDS), f"{where}: baselines")
+    check_fidelity(raw.get("fidelity") or {}, f"{where}: fidelity")
+
+
+def check_fidelity(fidelity: dict, where: str) -> None:
+    """The resource trials are pruned on (epochs), the fewest epochs a trial runs, and Hyperband's reduction factor."""
+    unknown(fidelity, {"resource", "min_epochs", "reduction_factor"}, where)
+    if fidelity.get("resource", "epochs") != "epochs":
+        raise SpaceError(f"{where}.resource: only epochs is supported, got {fidelity['resource']!r}")
+    for key, least in (("min_epochs", 1), ("reduction_factor", 2)):
+        value = fidelity.get(key, least)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise SpaceError(f"{where}.{key}: a whole number of at least {least}, got {value!r}")
+
+
+def check_architecture(spec: Any, where: str) -> None:
+    """A named architecture: a non-empty list of blocks with sane sizes, a known head, dense widths."""
+    unknown(spec, ARCHITECTURE_KEYS, where)
+    blocks = spec.get("blocks")
+    if not isinstance(blocks, list) or not blocks:
+        raise SpaceError(f"{where}.blocks: a non-empty list of blocks, e.g. [{{filters: 32, kernel: 3, pool: max}}]")
+    for index, block in enumerate(blocks):
+        at = f"{where}.blocks[{index}]"
+        unknown(block, BLOCK_KEYS, at)
+        for key in ("filters", "kernel", "convs"):
+            value = block.get(key, 1 if key != "filters" else None)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SpaceError(f"{at}.{key}: a positive whole number, got {value!r}")
+        strides = block.get("strides", 1)
+        listed = strides if isinstance(strides, list) else [strides]
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in listed) or (
+                isinstance(strides, list) and len(strides) != block.get("convs", 1)):
+            raise SpaceError(f"{at}.strides: a positive whole number for every conv of the block, or a list of "
+                             f"one per conv ({block.get('convs', 1)}), got {strides!r}")
+        if block.get("pool", "param") not in BLOCK_POOLS:
+            raise SpaceError(f"{at}.pool: one of {', '.join(BLOCK_POOLS)}, got {block.get('pool')!r}")
+    if spec.get("head", "param") not in HEADS:
+        raise SpaceError(f"{where}.head: one of {', '.join(HEADS)}, got {spec.get('head')!r}")
+    dense = spec.get("dense", "param")
+    if dense != "param" and (not isinstance(dense, list)
+                             or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in dense)):
+        raise SpaceError(f"{where}.dense: a list of layer widths (e.g. [128, 64]; [] for none) or param, got {dense!r}")
+    if spec.get("dropout", "each") not in ("each", "last"):
+        raise SpaceError(f"{where}.dropout: each (after every dense layer) or last (after the last one only), "
+                         f"got {spec.get('dropout')!r}")
+    for key in ("batch_norm", "residual"):
+        if spec.get(key, "param") not in (True, False, "param"):
+            raise SpaceError(f"{where}.{key}: true, false or param, got {spec.get(key)!r}")
+
+
+def check_architecture_choices(raw: dict, architectures: dict, where: str) -> None:
+    """Every value of an `architecture` parameter is `generated` or a name under `architectures`."""
+    known = {"generated", *architectures}
+    sources = [("params", raw.get("params") or {})] + [
+        (f"datasets.{kind}.params", (o or {}).get("params") or {}) for kind, o in (raw.get("datasets") or {}).items()]
+    for at, params in sources:
+        if "architecture" in params:
+            values = values_of(make_param("architecture", params["architecture"])) or ()
+            missing = [v for v in values if v not in known]
+            if missing:
+                raise SpaceError(f"{where}: {at}.architecture: {missing} not defined under 'architectures' "
+                                 f"(defined: {', '.join(sorted(known))})")
+
+
+def check_baselines(space: Space) -> None:
+    """This dataset's baselines name parameters of the space, with values the space allows."""
+    for index, baseline in enumerate(space.baselines):
+        at = f"{space.source}: baselines[{index}]"
+        unknown(baseline, BASELINE_KEYS, at)
+        if not baseline.get("name"):
+            raise SpaceError(f"{at}: every baseline needs a name")
+        at = f"{space.source}: baselines '{baseline['name']}'"
+        grid = baseline.get("grid") or {}
+        unknown(grid, set(space.params), f"{at}.grid")
+        for name, options in grid.items():
+            if not isinstance(options, list) or not options:
+                raise SpaceError(f"{at}.grid.{name}: a non-empty list of values")
+            for value in options:
+                check_value(space, name, value, f"{at}.grid.{name}")
+        unknown(baseline.get("params") or {}, set(space.params), f"{at}.params")
+        for name, value in (baseline.get("params") or {}).items():
+            check_value(space, name, value, f"{at}.params.{name}")
+
+
+def check_value(space: Space, name: str, value: Any, where: str) -> None:
+    """A value a parameter of the space can take, or a SpaceError saying what it can take."""
+    param = space.params[name]
+    if not is_valid(param, value):
+        allowed = values_of(param) or f"[{param.low}, {param.high}]"
+        raise SpaceError(f"{where}: {value!r} is not a value of '{name}' in this space (it takes {allowed})")
+
+
+def baseline_trials(space: Space) -> list[tuple[str, dict]]:
+    """The hand-made configurations in file order (best-known first), grids expanded, each complete and unique."""
+    import itertools
+
+    trials, seen = [], set()
+    for baseline in space.baselines:
+        grid = baseline.get("grid") or {}
+        for values in itertools.product(*grid.values()):
+            given = {**(baseline.get("params") or {}), **dict(zip(grid, values))}
+            params = complete_params(space, given)
+            key = tuple(sorted((k, str(v)) for k, v in params.items()))
+            if key not in seen:
+                seen.add(key)
+                label = baseline["name"] + "".join(f" {k}={v}" for k, v in zip(grid, values))
+                trials.append((label, params))
+    return trials
 
 
 def unknown(mapping: Any, allowed: set, where: str) -> None:

@@ -30,13 +30,13 @@ class StudyPatience:
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
                           key=lambda t: t.datetime_complete)
-        values = [t.value for t in complete]
+        values = [t.values[0] for t in complete]
         if self.trials and len(values) > self.trials and not self.improved(values[: -self.trials], values):
             self.stop(study, "trials", max(values), f"no gain of {self.min_improvement:g} in the last "
                                                      f"{self.trials} completed trials")
         elif self.minutes and complete:
             edge = dt.datetime.now() - dt.timedelta(minutes=self.minutes)
-            before = [t.value for t in complete if t.datetime_complete < edge]
+            before = [t.values[0] for t in complete if t.datetime_complete < edge]
             started = min(t.datetime_start for t in study.get_trials(deepcopy=False) if t.datetime_start)
             if before and started < edge and not self.improved(before, values):
                 self.stop(study, "minutes", max(values), f"no gain of {self.min_improvement:g} in the last "

@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 
 from search import space as spaces
 from search import tracking
-from search.config import (SearchConfig, artifact_root, default_optuna_stores, optuna_storage_url,
+from search.config import (OBJECTIVES, SearchConfig, artifact_root, default_optuna_stores, optuna_storage_url,
                            tracking_uri)
 from search.errors import ConfigError
 from search.stopping import MemoryWatch, StudyPatience
@@ -100,7 +100,7 @@ def find_study(name: str, storage: str | None = None, workdir: str = "mlruns") -
 
 
 def make_sampler(name: str, seed: int, space: spaces.Space, target: int) -> optuna.samplers.BaseSampler:
-    """tpe | random | grid | cmaes, seeded."""
+    """tpe | random | grid | cmaes, seeded (TPE reads the constraints trials set, see `finished`)."""
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(3, min(10, target // 3)))
     if name == "random":
@@ -112,17 +112,56 @@ def make_sampler(name: str, seed: int, space: spaces.Space, target: int) -> optu
     raise ConfigError(f"unknown sampler '{name}'; available: tpe, random, grid, cmaes")
 
 
-def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
-    """median | hyperband | sha | none, over epochs as the resource."""
+def make_pruner(name: str, epochs: int, min_epochs: int = 1, factor: int = 3) -> optuna.pruners.BasePruner:
+    """median | hyperband | sha | none, over epochs as the resource (the space's `fidelity`)."""
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 1), reduction_factor=3)
+        return optuna.pruners.HyperbandPruner(min_resource=min_epochs, max_resource=max(epochs, min_epochs),
+                                              reduction_factor=factor)
     if name == "sha":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=min_epochs, reduction_factor=factor)
     if name == "none":
         return optuna.pruners.NopPruner()
-    raise ConfigError(f"unknown pruner '{name}'; available: median, hyperband, sha, none")
+    raise ConfigError(f"unknown pruner '{name}'; available: auto, median, hyperband, sha, none")
+
+
+def pruner_name(config: SearchConfig, timeout: float | None, objectives: list[str]) -> str:
+    """The pruner a run uses: `auto` is Hyperband when time is the budget (most trials stop after a few cheap
+    epochs, the promising ones train long), else median; a multi-objective study cannot prune (Optuna)."""
+    if len(objectives) > 1:
+        if config.pruner not in ("auto", "none"):
+            raise ConfigError(f"--pruner {config.pruner}: Optuna cannot prune a multi-objective study "
+                              f"(--objectives {','.join(objectives)}); leave --pruner out")
+        return "none"
+    if config.pruner == "auto":
+        return "hyperband" if timeout else "median"
+    return config.pruner
+
+
+def parse_objectives(text: str) -> list[str]:
+    """--objectives as a list starting with val_accuracy; unknown names list the known ones."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in OBJECTIVES]
+    if unknown or not names or names[0] != "val_accuracy" or len(set(names)) != len(names):
+        raise ConfigError(f"--objectives {text}: give val_accuracy first, then any of "
+                          f"{', '.join(n for n in OBJECTIVES if n != 'val_accuracy')} (each once)")
+    return names
+
+
+def feasible(trial: optuna.trial.FrozenTrial) -> bool:
+    """True when the trial meets --max-params and --max-inference-ms (or there are none)."""
+    return all(v <= 0 for v in trial.constraints.values())
+
+
+def constraint_values(config: SearchConfig, metrics: dict) -> dict[str, float]:
+    """How far a model is over each limit the run set (<= 0: within it), by the option's name."""
+    values = {}
+    if config.max_params:
+        values["max_params"] = float(metrics.get("param_count") or 0) - config.max_params
+    if config.max_inference_ms:
+        values["max_inference_ms"] = float(metrics.get("inference_ms") or 0) - config.max_inference_ms
+    return values
 
 
 # ---------------------------------------------------------------- set-up
@@ -205,10 +244,16 @@ def _prepare(config: SearchConfig) -> Setup:
     setup_data = {}
     probe_data(config, dataset, space, subset, workdir, setup_data)
     storage = open_storage(storage_url)
-    direction = "maximize"
-    study = optuna.create_study(study_name=study_name, storage=storage, load_if_exists=True, direction=direction,
+    objectives = parse_objectives(config.objectives)
+    fidelity = space.fidelity
+    study = optuna.create_study(study_name=study_name, storage=storage, load_if_exists=True,
+                                directions=[OBJECTIVES[name][0] for name in objectives],
                                 sampler=make_sampler(config.sampler, config.seed, space, target),
-                                pruner=make_pruner(config.pruner, epochs))
+                                pruner=make_pruner(pruner_name(config, timeout, objectives), epochs,
+                                                   fidelity.get("min_epochs", 1), fidelity.get("reduction_factor", 3)))
+    if len(study.directions) != len(objectives):
+        raise ConfigError(f"study {study_name} was created with {len(study.directions)} objective(s); "
+                          f"--objectives {config.objectives} has {len(objectives)}. Use another --study-name.")
     client = tracking.connect(uri)
     exp_id = tracking.experiment_id(client, study_name, artifact_root(uri, workdir))
     return Setup(config, space, dataset, study, target, timeout, epochs, budget.patience, subset, client, exp_id,
@@ -285,18 +330,36 @@ def invocation_settings(setup: Setup) -> dict:
     c = setup.config
     return {"space": setup.space.name, "space_file": setup.space.source, "dataset": setup.dataset,
             "data_dir": c.data_dir, "trials_target": setup.target, "timeout": setup.timeout, "epochs": setup.epochs,
-            "patience": setup.patience, "subset": setup.subset, "sampler": c.sampler, "pruner": c.pruner,
+            "patience": setup.patience, "subset": setup.subset, "sampler": c.sampler,
+            "pruner": pruner_name(c, setup.timeout, parse_objectives(c.objectives)), "objectives": c.objectives,
+            "max_params": c.max_params, "max_inference_ms": c.max_inference_ms, "baselines": c.baselines,
             "seed": c.seed, "storage": tracking.redact(setup.storage_url), "breeds": c.breeds,
             "image_size": c.image_size, "workers": c.workers, "warm_start": c.warm_start}
 
 
 def first_trials(setup: Setup) -> None:
-    """Enqueue the space's defaults in a new study, and a warm start's best configurations."""
+    """Enqueue the hand-made baselines (--baselines), the space's defaults in a new study, a warm start's best."""
     study = setup.study
-    if setup.config.default_trial and not study.get_trials(deepcopy=False):
+    new = not study.get_trials(deepcopy=False)
+    if setup.config.baselines:
+        enqueue_baselines(setup)
+    if setup.config.default_trial and new:
         study.enqueue_trial(spaces.default_params(setup.space), user_attrs={"source": "default"})
     if setup.config.warm_start:
         enqueue_warm_start(setup)
+
+
+def enqueue_baselines(setup: Setup) -> None:
+    """The space's baselines for this dataset, best-known first, each once per study, tagged as baselines."""
+    found = spaces.baseline_trials(setup.space)
+    if not found:
+        raise ConfigError(f"--baselines: space {setup.space.source} has no baselines for "
+                          f"{setup.dataset.split(':')[0]} (add them under 'baselines:')")
+    for label, params in found:
+        searched = {k: v for k, v in params.items() if setup.space.params[k].type != "fixed"}
+        setup.study.enqueue_trial(searched, user_attrs={"source": f"baseline:{label}", "baseline": label},
+                                  skip_if_exists=True)
+    log.info(f"baselines: enqueued {len(found)} hand-made configurations ahead of the search")
 
 
 def enqueue_warm_start(setup: Setup) -> None:
@@ -304,7 +367,7 @@ def enqueue_warm_start(setup: Setup) -> None:
     name, _, k = setup.config.warm_start.partition(":")
     source = find_study(name, None, setup.config.workdir)
     done = sorted((t for t in source.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))),
-                  key=lambda t: t.value, reverse=True)[: int(k or 5)]
+                  key=lambda t: t.values[0], reverse=True)[: int(k or 5)]
     source_dataset = source.user_attrs.get("dataset")
     for t in done:
         given = dict(t.params)
@@ -323,6 +386,7 @@ def optimize(setup: Setup, parent: str, environment: dict, summary: SearchSummar
     study = setup.study
     study.set_user_attr("dataset", setup.dataset.split(":")[0])
     study.set_user_attr("space", setup.space.name)
+    study.set_user_attr("objectives", setup.config.objectives)
     done = count(study)
     if done >= setup.target:
         log.info(f"study {study.study_name} already has {done} of {setup.target} trials; raise --trials to add more")
@@ -399,6 +463,7 @@ def make_objective(setup: Setup, parent: str, environment: dict, summary: Search
                    "patience": setup.patience, "seed": seed, "model": space.model}
         source = f"retry:{retry_of}" if retry_of is not None else trial.user_attrs.get("source", "sampler")
         tags = {"search.source": source, "search.device": environment.get("device", ""),
+                "search.baseline": trial.user_attrs.get("baseline", ""),
                 "search.rerun_command": f"python -m search.run --rerun {study.study_name}:{trial.number}"}
         run_id = tracking.start_trial_run(client, setup.experiment_id, parent, study.study_name, trial.number,
                                           params, context, tags=tags)
@@ -412,7 +477,8 @@ def make_objective(setup: Setup, parent: str, environment: dict, summary: Search
             started = time.perf_counter()
             result = runner_module.train_and_evaluate(
                 params, data, epochs=setup.epochs, patience=setup.patience, seed=seed, recipes=space.recipes,
-                callbacks=[logger, progress, KerasPruningCallback(trial, "val_accuracy")],
+                callbacks=[logger, progress] + ([KerasPruningCallback(trial, "val_accuracy")]
+                                                if len(study.directions) == 1 else []),
                 options=runner_options(setup))
             trial_seconds = time.perf_counter() - started
         except ArchitectureError as err:
@@ -437,8 +503,9 @@ def make_objective(setup: Setup, parent: str, environment: dict, summary: Search
             end_trial(client, run_id, trial, "FAIL", reason)
             log.warning(f"trial {trial.number}: failed: {reason}")
             raise
-        finished(setup, trial, run_id, result, trial_seconds, logger.seconds, data)
-        return result.val_accuracy
+        metrics = finished(setup, trial, run_id, result, trial_seconds, logger.seconds, data)
+        values = [metrics[OBJECTIVES[name][1]] for name in parse_objectives(setup.config.objectives)]
+        return values[0] if len(values) == 1 else values
 
     return objective
 
@@ -486,7 +553,8 @@ def model_runner(model: str):
 def runner_options(setup: Setup) -> dict:
     """Run-wide settings a runner may need besides the trial's parameters."""
     c = setup.config
-    return {"weights": c.weights, "workdir": str(c.resolved_workdir()), "data_dir": c.data_dir}
+    return {"weights": c.weights, "workdir": str(c.resolved_workdir()), "data_dir": c.data_dir,
+            "architectures": setup.space.architectures}
 
 
 def dataset_at(setup: Setup, image_size: int):
@@ -507,22 +575,30 @@ def end_trial(client, run_id: str, trial: optuna.Trial, state: str, reason: str)
 
 
 def finished(setup: Setup, trial: optuna.Trial, run_id: str, result, trial_seconds: float,
-             logging_seconds: float, data) -> None:
+             logging_seconds: float, data) -> dict:
     """Log a completed trial's summary and test errors, keep its model if among the best K, free its memory."""
     from runners import train as runner
 
-    metrics = trial_metrics(result, trial_seconds, logging_seconds)
+    metrics = {**trial_metrics(result, trial_seconds, logging_seconds),
+               "budget_fraction": result.epochs_run / max(setup.epochs, 1)}  # of the full fidelity (max epochs)
     tracking.log_metrics(setup.client, run_id, metrics)
     if result.tags:
         tracking.set_tags(setup.client, run_id, result.tags)
-    for key in ("test_accuracy", "test_top3_accuracy", "train_seconds", "param_count", "inference_ms"):
+    for key in ("test_accuracy", "test_top3_accuracy", "train_seconds", "param_count", "inference_ms",
+                "budget_fraction"):
         trial.set_user_attr(key, metrics.get(key))
+    constraints = constraint_values(setup.config, metrics)
+    for name, over in constraints.items():  # Optuna's constrained search (TPE) and Pareto front read these
+        trial.set_constraint(name, over)
+    if constraints:
+        tracking.set_tags(setup.client, run_id, {"search.feasible": str(all(v <= 0 for v in constraints.values()))})
     keep_model(setup, trial, result)
     # the confusion matrix picture and tables take ~0.4 s: drawn and logged while the next trial starts,
     # and the run closes once they are stored (finish_invocation waits for the last ones)
     labels, probabilities = data.splits["test"][1], result.test_probabilities
     setup.background.submit(close_completed_run, setup.client, run_id, labels, probabilities, data.class_names)
     runner.release(result)
+    return metrics
 
 
 def close_completed_run(client, run_id: str, labels, probabilities, class_names: list[str]) -> None:
@@ -556,7 +632,8 @@ def models_dir(setup: Setup) -> Path:
 def keep_model(setup: Setup, trial: optuna.Trial, result) -> None:
     """Save this trial's model if it ranks among the study's best K; delete models that fell out."""
     folder = models_dir(setup)
-    ranked = sorted([(t.value, t.number) for t in setup.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    ranked = sorted([(t.values[0], t.number) for t in setup.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                     if feasible(t)]
                     + [(result.val_accuracy, trial.number)], reverse=True)[: setup.config.keep_models]
     keep = {number for _, number in ranked}
     if trial.number in keep:
@@ -570,7 +647,7 @@ def keep_model(setup: Setup, trial: optuna.Trial, result) -> None:
 def best_value(study: optuna.Study) -> float | None:
     """The study's best validation accuracy so far, or None."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return max((t.value for t in complete), default=None)
+    return max((t.values[0] for t in complete if feasible(t)), default=None)
 
 
 def close_retried_run(client, study: optuna.Study, trial: optuna.Trial) -> int | None:
@@ -617,11 +694,12 @@ def finish_invocation(setup: Setup, parent: str, summary: SearchSummary, status:
     setup.background.shutdown(wait=True)  # every trial's evaluation is logged and its run closed
     # a worker that died while this one finished the study must not leave its trial running forever
     recover_stale_trials(study, client, setup.experiment_id)
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    # the best model is the most accurate feasible one; with several objectives the front is in the leaderboard
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if feasible(t)]
     if complete:
-        best = max(complete, key=lambda t: t.value)
-        summary.best_value, summary.best_params, summary.best_trial = best.value, best.params, best.number
-        tracking.log_metrics(client, parent, {"best_val_accuracy": best.value, "trials_counted": count(study)})
+        best = max(complete, key=lambda t: t.values[0])
+        summary.best_value, summary.best_params, summary.best_trial = best.values[0], best.params, best.number
+        tracking.log_metrics(client, parent, {"best_val_accuracy": best.values[0], "trials_counted": count(study)})
         tracking.set_tags(client, parent, {"search.best_trial": best.number,
                                            "search.best_params": json.dumps(best.params, default=str)})
         log_best_model(setup, best)
@@ -633,7 +711,7 @@ def finish_invocation(setup: Setup, parent: str, summary: SearchSummary, status:
             if keras_path.is_file() and setup.data_cache and best.user_attrs.get("mlflow_run_id"):
                 class_names = next(iter(setup.data_cache.values())).class_names
                 version = registry.register_trial(client, study.study_name, best.user_attrs["mlflow_run_id"],
-                                                  keras_path, class_names, best.number, best.value)
+                                                  keras_path, class_names, best.number, best.values[0])
                 log.info(f"best model: models:/{version.name}/{version.version} (trial {best.number})")
             table = leaderboard([study.study_name], setup.tracking_uri)
             report.log_study_report(client, setup.experiment_id, study.study_name, study, table,

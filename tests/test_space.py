@@ -28,8 +28,9 @@ def test_conditional_parameters_are_suggested_only_when_their_parent_allows():
     for _ in range(30):
         params = suggest_params(study.ask(), space)
         assert ("momentum" in params) == (params["optimizer"] == "sgd")
-        assert ("weight_decay" in params) == (params["optimizer"] == "adamw")
-        assert ("dense_units" in params) == (params["dense_layers"] > 0)
+        assert ("weight_decay" in params) == (params["optimizer"] in ("adamw", "sgd"))
+        assert ("dense_units" in params) == (params.get("dense_layers", 0) > 0)
+        assert ("conv_blocks" in params) == (params["architecture"] == "generated")
 
 
 def test_defaults_and_grid_are_built_from_the_file():
