@@ -7,10 +7,13 @@ for a trial that completed. The caller adds its own callbacks (Optuna reporting,
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -42,6 +45,7 @@ class TrialResult:
     test_probabilities: np.ndarray | None = None
     model: keras.Model | None = None
     tags: dict[str, str] = field(default_factory=dict)  # runner facts for the trial's MLflow run (e.g. weights)
+    resumed_from_epoch: int = 0  # epochs restored from a checkpoint rather than trained by this process
 
 
 class EpochClock(keras.callbacks.Callback):
@@ -71,6 +75,119 @@ class Progress(keras.callbacks.Callback):
                  f"loss {logs.get('loss', float('nan')):.4f} acc {logs.get('accuracy', float('nan')):.4f} "
                  f"val_acc {logs.get('val_accuracy', float('nan')):.4f} ({logs.get('epoch_seconds', 0):.1f} s)"
                  f"  best so far {best}")
+
+
+CHECKPOINT_STATE = "state.json"
+
+
+def checkpoint_state(folder) -> dict | None:
+    """What a trial's checkpoint folder holds about its last finished epoch, or None when it holds none."""
+    path = Path(folder) / CHECKPOINT_STATE if folder else None
+    return json.loads(path.read_text()) if path and path.is_file() else None
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """Saves the training state at the end of every epoch and restores it when a fit begins.
+
+    The state: model and optimiser variables (iterations, learning rate, moments), the dropout layers'
+    random-generator states, the epochs done, the history so far, and the counters of early stopping and
+    plateau LR, with early stopping's best weights: a resumed epoch trains as the uninterrupted one would.
+    Keras's BackupAndRestore does the first two, but overwrites one weights file in place (a kill while it
+    writes leaves no usable state) and forgets the rest; here each epoch's weights get a new file and
+    `state.json`, replaced atomically, names the files of the last complete epoch. Put it before any
+    callback that records the epoch elsewhere: a recorded epoch is then always a saved one."""
+
+    KEPT = ("wait", "best", "best_epoch", "cooldown_counter")
+
+    def __init__(self, folder, stateful: list):
+        super().__init__()
+        self.folder, self.stateful = Path(folder), stateful
+        self.state = checkpoint_state(folder) or {"epoch": 0, "history": {}, "callbacks": [], "files": []}
+        self.saved_best: dict[int, object] = {}
+
+    def on_train_begin(self, logs=None):
+        # after the other callbacks' on_train_begin, which reset their counters
+        if not self.state["epoch"]:
+            return
+        if not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)
+        self.model.load_weights(self.folder / self.state["weights"])
+        with np.load(self.folder / self.state["random"]) as arrays:
+            for i, variable in enumerate(random_states(self.model)):
+                variable.assign(arrays[f"arr_{i}"])
+        for callback, saved in zip(self.stateful, self.state["callbacks"]):
+            for key, value in saved["counters"].items():
+                setattr(callback, key, value)
+            if saved.get("best_weights"):
+                with np.load(self.folder / saved["best_weights"]) as arrays:
+                    callback.best_weights = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
+                self.saved_best[id(callback)] = callback.best_weights
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        done = epoch + 1
+        weights = f"epoch-{done}.weights.h5"
+        self.model.save_weights(self.folder / weights)
+        random = f"epoch-{done}.random.npz"
+        np.savez(self.folder / random, *(keras.ops.convert_to_numpy(v) for v in random_states(self.model)))
+        history = self.state["history"]
+        for key, value in (logs or {}).items():
+            history.setdefault(key, []).append(float(value))
+        self.state.update(epoch=done, weights=weights, random=random, stopped=bool(self.model.stop_training),
+                          callbacks=[self.callback_state(i, c, done) for i, c in enumerate(self.stateful)])
+        files = {weights, random, *(c["best_weights"] for c in self.state["callbacks"] if c.get("best_weights"))}
+        temporary = self.folder / f"{CHECKPOINT_STATE}.tmp"
+        temporary.write_text(json.dumps(self.state, default=lambda v: v.item()))
+        os.replace(temporary, self.folder / CHECKPOINT_STATE)  # the checkpoint moves to this epoch at once
+        for path in self.folder.glob("*"):
+            if path.name.startswith(("epoch-", "best-")) and path.name not in files:
+                path.unlink()
+
+    def callback_state(self, index: int, callback, done: int) -> dict:
+        """A stateful callback's counters, and its best weights when they changed (a new file) or were kept."""
+        saved = {"counters": {k: getattr(callback, k) for k in self.KEPT if hasattr(callback, k)}}
+        best = getattr(callback, "best_weights", None)
+        if best is None:
+            return saved
+        kept = self.state["callbacks"]
+        previous = kept[index] if index < len(kept) else {}
+        if self.saved_best.get(id(callback)) is best and previous.get("best_weights"):
+            saved["best_weights"] = previous["best_weights"]
+        else:
+            saved["best_weights"] = f"best-{index}-{done}.npz"
+            np.savez(self.folder / saved["best_weights"], *best)
+            self.saved_best[id(callback)] = best
+        return saved
+
+
+def random_states(model: keras.Model) -> list:
+    """The model's variables that save_weights leaves out: the seed-generator states of dropout layers."""
+    saved = {id(v) for v in model.weights}
+    return [v for v in model.variables if id(v) not in saved]
+
+
+def fit_resumable(model: keras.Model, training, validation, *, epochs: int, own_callbacks: list,
+                  callbacks: list, checkpoint=None, **fit_args) -> tuple[dict, float, int]:
+    """model.fit from the checkpoint's last finished epoch (when there is one), saving one after every epoch.
+
+    `training(first_epoch)` makes the training data, so that its shuffling resumes at that epoch. The
+    checkpoint goes after the runner's own callbacks (clock, early stopping: their epoch-end state is saved)
+    and before the caller's (logging, pruning). Returns the history of every epoch (restored ones first),
+    the seconds spent training (restored epochs' included) and the epoch it resumed from (0: a fresh start)."""
+    state = checkpoint_state(checkpoint) if checkpoint else None
+    first = state["epoch"] if state else 0
+    # a checkpoint whose training had stopped early (killed during the test evaluation) trains no further
+    last = first if state and state.get("stopped") else max(epochs, first)
+    stateful = [c for c in own_callbacks
+                if isinstance(c, (keras.callbacks.EarlyStopping, keras.callbacks.ReduceLROnPlateau))]
+    saver = [EpochCheckpoint(checkpoint, stateful)] if checkpoint else []
+    started = time.perf_counter()
+    fit = model.fit(training(first), validation_data=validation, initial_epoch=first, epochs=last, verbose=0,
+                    callbacks=list(own_callbacks) + saver + list(callbacks), **fit_args)
+    restored = state["history"] if state else {}
+    seconds = time.perf_counter() - started + sum(restored.get("epoch_seconds", []))
+    history = {k: list(restored.get(k, [])) + list(fit.history.get(k, [])) for k in {*restored, *fit.history}}
+    return history, seconds, first
 
 
 def classifier_head(x, params: dict, n_classes: int, units: list[int] | None = None, dropout: str = "each"):
@@ -139,10 +256,12 @@ def make_loss(params: dict) -> keras.losses.Loss:
 
 def train_and_evaluate(params: dict, data: Dataset, build_model, *, epochs: int, patience: int, seed: int,
                        recipes: dict, callbacks: list | None = None, evaluate_test: bool = True,
-                       options: dict | None = None) -> TrialResult:
+                       options: dict | None = None, checkpoint=None) -> TrialResult:
     """Fit a model built from params on data's train split; validate every epoch; test once at the end.
 
-    `options` carries run-wide settings a model may need (weights file, workdir); this plain CNN needs none."""
+    `options` carries run-wide settings a model may need (weights file, workdir); this plain CNN needs none.
+    `checkpoint`: a folder where the training state is kept after every epoch; when it holds one, training
+    continues from that epoch (see EpochCheckpoint)."""
     keras.utils.set_random_seed(seed)
     size, n_classes, batch = data.image_size, len(data.class_names), params["batch_size"]
     x_train, y_train = data.splits["train"]
@@ -152,19 +271,20 @@ def train_and_evaluate(params: dict, data: Dataset, build_model, *, epochs: int,
     model.compile(optimizer=make_optimizer(params, steps, epochs), loss=make_loss(params),
                   metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"),
                            keras.metrics.TopKCategoricalAccuracy(k=3, name="top3_accuracy")])
-    train = training_batches(x_train, y_train, n_classes, batch, recipes[params.get("augmentation", "none")],
-                             size, seed)
+    recipe = recipes[params.get("augmentation", "none")]
     val = evaluation_batches(x_val, y_val, n_classes, evaluation_batch_size(size, batch), size)
     keras_callbacks = [EpochClock(), keras.callbacks.TerminateOnNaN(),
                        keras.callbacks.EarlyStopping("val_accuracy", patience=patience, mode="max",
                                                      restore_best_weights=True)]
     if params.get("lr_schedule") == "plateau":
         keras_callbacks.append(keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=1))
-    started = time.perf_counter()
-    fit = model.fit(train, validation_data=val, epochs=epochs, verbose=0, shuffle=False,
-                    callbacks=keras_callbacks + list(callbacks or []))
-    fit_seconds = time.perf_counter() - started
-    result = result_of(fit.history, fit_seconds, model)
+    history, fit_seconds, first = fit_resumable(
+        model, lambda first_epoch: training_batches(x_train, y_train, n_classes, batch, recipe, size, seed,
+                                                    first_epoch=first_epoch),
+        val, epochs=epochs, own_callbacks=keras_callbacks, callbacks=list(callbacks or []), checkpoint=checkpoint,
+        shuffle=False)
+    result = result_of(history, fit_seconds, model)
+    result.resumed_from_epoch = first
     if evaluate_test:
         result.test, result.test_probabilities = evaluate(model, data, params)
     return result

@@ -271,11 +271,13 @@ def unfreeze_last_layers(backbone_model: keras.Model, n: int) -> None:
 
 def train_and_evaluate(params: dict, data: Dataset, *, epochs: int, patience: int, seed: int, recipes: dict,
                        callbacks: list | None = None, evaluate_test: bool = True,
-                       options: dict | None = None) -> TrialResult:
+                       options: dict | None = None, checkpoint=None) -> TrialResult:
     """Train the head (on cached features when it can), fine-tune if asked, evaluate the test split once.
 
     `options`: "weights" (--weights), "workdir" (where the feature cache lives), "feature_cache" (False to
-    train through the backbone even when the cache could serve, as the benchmark does to compare)."""
+    train through the backbone even when the cache could serve, as the benchmark does to compare).
+    `checkpoint`: a folder for the training state after every epoch, resumed from when it holds one; a
+    fine-tuning trial (two fits with different optimisers) keeps none and restarts from its first epoch."""
     options = options or {}
     backbone = backbone_named(params["backbone"])
     check_size(backbone, data.image_size)
@@ -284,10 +286,11 @@ def train_and_evaluate(params: dict, data: Dataset, *, epochs: int, patience: in
     if options.get("feature_cache", True) and uses_feature_cache(params, weights):
         result = train_on_cached_features(params, data, backbone, weights, epochs=epochs, patience=patience,
                                           seed=seed, callbacks=callbacks, evaluate_test=evaluate_test,
-                                          workdir=options.get("workdir") or "mlruns")
+                                          workdir=options.get("workdir") or "mlruns", checkpoint=checkpoint)
     else:
         result = train_through_backbone(params, data, backbone, weights, epochs=epochs, patience=patience,
-                                        seed=seed, recipes=recipes, callbacks=callbacks, evaluate_test=evaluate_test)
+                                        seed=seed, recipes=recipes, callbacks=callbacks, evaluate_test=evaluate_test,
+                                        checkpoint=None if params.get("mode") == "fine_tune" else checkpoint)
     result.tags.update({**weights.tags(), "search.backbone": backbone.name})
     return result
 
@@ -322,8 +325,12 @@ def feature_set(data: Dataset, backbone: Backbone, weights: Weights, workdir) ->
 
 
 def train_on_cached_features(params: dict, data: Dataset, backbone: Backbone, weights: Weights, *, epochs: int,
-                             patience: int, seed: int, callbacks, evaluate_test: bool, workdir) -> TrialResult:
-    """Fit the head on cached pooled features; the returned model is backbone + that head, taking images."""
+                             patience: int, seed: int, callbacks, evaluate_test: bool, workdir,
+                             checkpoint=None) -> TrialResult:
+    """Fit the head on cached pooled features; the returned model is backbone + that head, taking images.
+
+    Keras shuffles these in-memory arrays itself: a resumed head trains on other orders than an
+    uninterrupted one would (the same images, the same state)."""
     cache, backbone_model = feature_set(data, backbone, weights, workdir)
     pooling, n_classes = params.get("pooling", "average"), len(data.class_names)
     x_train, y_train = cache.split("train", pooling)
@@ -331,11 +338,12 @@ def train_on_cached_features(params: dict, data: Dataset, backbone: Backbone, we
     head = build_head(params, x_train.shape[1], n_classes)
     steps = math.ceil(len(y_train) / params["batch_size"])
     compile_model(head, params, steps, epochs)
-    started = time.perf_counter()
-    fit = head.fit(np.asarray(x_train), one_hot(y_train, n_classes), batch_size=params["batch_size"], epochs=epochs,
-                   validation_data=(np.asarray(x_val), one_hot(y_val, n_classes)), shuffle=True, verbose=0,
-                   callbacks=fit_callbacks(params, patience) + list(callbacks or []))
-    result = result_of(fit.history, time.perf_counter() - started, head)
+    history, seconds, first = train.fit_resumable(
+        head, lambda first_epoch: np.asarray(x_train), (np.asarray(x_val), one_hot(y_val, n_classes)),
+        epochs=epochs, own_callbacks=fit_callbacks(params, patience), callbacks=list(callbacks or []),
+        checkpoint=checkpoint, y=one_hot(y_train, n_classes), batch_size=params["batch_size"], shuffle=True)
+    result = result_of(history, seconds, head)
+    result.resumed_from_epoch = first
     result.model = build_model(backbone_model, backbone, head, params, data.image_size)
     result.param_count = result.model.count_params()
     if evaluate_test:
@@ -352,7 +360,8 @@ def train_on_cached_features(params: dict, data: Dataset, backbone: Backbone, we
 
 
 def train_through_backbone(params: dict, data: Dataset, backbone: Backbone, weights: Weights, *, epochs: int,
-                           patience: int, seed: int, recipes: dict, callbacks, evaluate_test: bool) -> TrialResult:
+                           patience: int, seed: int, recipes: dict, callbacks, evaluate_test: bool,
+                           checkpoint=None) -> TrialResult:
     """Train head (backbone frozen) on image batches, then, for fine_tune, the backbone's last layers too."""
     size, n_classes, batch = data.image_size, len(data.class_names), params["batch_size"]
     backbone_model = build_backbone(backbone, size, weights)
@@ -366,9 +375,11 @@ def train_through_backbone(params: dict, data: Dataset, backbone: Backbone, weig
     val = evaluation_batches(x_val, y_val, n_classes, max(batch, 64), size)
     compile_model(model, params, steps, epochs)
     started = time.perf_counter()
-    fit = model.fit(training_batches(x_train, y_train, n_classes, batch, recipe, size, seed), validation_data=val,
-                    epochs=epochs, verbose=0, callbacks=fit_callbacks(params, patience) + list(callbacks or []))
-    history = dict(fit.history)
+    history, _, first = train.fit_resumable(
+        model, lambda first_epoch: training_batches(x_train, y_train, n_classes, batch, recipe, size, seed,
+                                                    first_epoch=first_epoch),
+        val, epochs=epochs, own_callbacks=fit_callbacks(params, patience), callbacks=list(callbacks or []),
+        checkpoint=checkpoint)
     if params.get("mode") == "fine_tune":
         done = len(history["loss"])
         unfreeze_last_layers(backbone_model, params["unfreeze_layers"])
@@ -379,6 +390,7 @@ def train_through_backbone(params: dict, data: Dataset, backbone: Backbone, weig
                          callbacks=fit_callbacks(tuned, patience) + list(callbacks or []))
         history = {k: list(v) + list(more.history.get(k, [])) for k, v in history.items()}
     result = result_of(history, time.perf_counter() - started, model)
+    result.resumed_from_epoch = first
     if evaluate_test:
         result.test, result.test_probabilities = train.evaluate(model, data, params)
     result.tags["search.feature_cache"] = "not used (augmentation or fine-tuning)"

@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\ninterrupted: the running trial was recorded as killed; run the same command to resume.",
+        print("\ninterrupted: the running trial was recorded as killed; run the same command to resume "
+              "it from its last finished epoch.",
               file=sys.stderr)
         return 130
     if summary.stopped == "memory" and argv is None:  # only a real command line is replaced

@@ -304,7 +304,7 @@ def run_search(config: SearchConfig) -> SearchSummary:
     from search.environment import describe_environment
 
     environment = describe_environment(configure_devices(config.mixed_precision))
-    recover_stale_trials(study, client, setup.experiment_id)
+    recover_stale_trials(study, client, setup.experiment_id, checkpoints_of(setup), resume=count(study) < setup.target)
     parent = tracking.start_parent_run(client, setup.experiment_id, study.study_name,
                                        invocation_settings(setup), environment, setup.space.text,
                                        {"budget": setup.space.budget, "params": {k: asdict(v) for k, v in setup.space.params.items()}})
@@ -395,7 +395,8 @@ def optimize(setup: Setup, parent: str, environment: dict, summary: SearchSummar
     failures = FailureStreak(setup.config.max_failures)
     patience = StudyPatience(setup.config.study_patience, setup.config.min_improvement, setup.config.within)
     memory = MemoryWatch(setup.config.max_memory_growth)
-    callbacks = [optuna.study.MaxTrialsCallback(setup.target, states=COUNTED), failures, patience, memory]
+    callbacks = [optuna.study.MaxTrialsCallback(setup.target, states=COUNTED), failures, patience, memory,
+                 DiscardCheckpoint(checkpoints_of(setup))]
     objective = make_objective(setup, parent, environment, summary)
     study.optimize(objective, n_trials=None, timeout=setup.timeout, callbacks=callbacks,
                    catch=(Exception,))  # runners.train.release collects garbage once per trial
@@ -449,14 +450,18 @@ def make_objective(setup: Setup, parent: str, environment: dict, summary: Search
     study, client, space = setup.study, setup.client, setup.space
 
     def objective(trial: optuna.Trial) -> float:
-        retry_of = close_retried_run(client, study, trial)
+        retry_of = retried_trial(study, trial)
         if beyond_target(study, trial, setup.target):
             trial.set_user_attr("surplus", True)
             trial.set_user_attr("fail_reason", f"study already has {setup.target} trials")
             raise SurplusTrial(f"study already has {setup.target} trials")
         summary.trials_run += 1
+        folder = checkpoint_dir(checkpoints_of(setup), trial.number)
+        resumed = take_over_checkpoint(setup, trial, retry_of)
+        if retry_of is not None and resumed is None:
+            close_retried_run(client, trial)
         params = spaces.suggest_params(trial, space)
-        seed = setup.config.seed * 1000 + trial.number
+        seed = resumed["seed"] if resumed else setup.config.seed * 1000 + trial.number
         for key, value in {"host": socket.gethostname(), "pid": os.getpid(), "seed": seed}.items():
             trial.set_user_attr(key, value)
         context = {"dataset": setup.dataset, "subset": setup.subset, "epochs_max": setup.epochs,
@@ -465,21 +470,40 @@ def make_objective(setup: Setup, parent: str, environment: dict, summary: Search
         tags = {"search.source": source, "search.device": environment.get("device", ""),
                 "search.baseline": trial.user_attrs.get("baseline", ""),
                 "search.rerun_command": f"python -m search.run --rerun {study.study_name}:{trial.number}"}
-        run_id = tracking.start_trial_run(client, setup.experiment_id, parent, study.study_name, trial.number,
-                                          params, context, tags=tags)
+        if resumed:
+            trial.set_user_attr("resumes", resumed["trial"])
+            trial.set_user_attr("resumed_from_epoch", resumed["epoch"])
+            log.info(f"trial {trial.number}: resumes trial {resumed['trial']} after its epoch {resumed['epoch']}")
+            run_id = resumed["mlflow_run_id"]
+            tracking.reopen_trial_run(client, run_id, parent, trial.number, {
+                **tags, "search.resumes_trial": resumed["trial"], "search.resumed_at_epoch": resumed["epoch"]})
+        else:
+            run_id = tracking.start_trial_run(client, setup.experiment_id, parent, study.study_name, trial.number,
+                                              params, context, tags=tags)
         trial.set_user_attr("mlflow_run_id", run_id)
+        write_trial_file(folder, study.study_name, trial.number, run_id, params, seed)
+        epochs_done = (runner.checkpoint_state(folder) or {}).get("history", {})
+        if resumed:  # an epoch saved but not logged (killed between the two) is logged now, from the checkpoint
+            tracking.log_missing_epochs(client, run_id, epochs_done)
+        restored = epochs_done.get("val_accuracy", [])
+        reported = study._storage.get_trial(trial._trial_id).intermediate_values
+        for step, value in enumerate(restored if len(study.directions) == 1 else []):  # multi-objective: no reports
+            if step not in reported:  # a heartbeat retry may have inherited them
+                trial.report(value, step)  # the restored epochs, so the pruner sees the whole curve
         progress = runner.Progress(trial.number, count(study) + 1, setup.target, setup.epochs, best_value(study))
+        progress.val_history = list(restored)
         try:
             runner_module = model_runner(space.model)
             data = dataset_at(setup, params["image_size"])
-            tracking.log_datasets(client, run_id, data)
+            if not resumed:
+                tracking.log_datasets(client, run_id, data)
             logger = tracking.EpochLogger(client, run_id)
             started = time.perf_counter()
             result = runner_module.train_and_evaluate(
                 params, data, epochs=setup.epochs, patience=setup.patience, seed=seed, recipes=space.recipes,
                 callbacks=[logger, progress] + ([KerasPruningCallback(trial, "val_accuracy")]
                                                 if len(study.directions) == 1 else []),
-                options=runner_options(setup))
+                options=runner_options(setup), checkpoint=folder)
             trial_seconds = time.perf_counter() - started
         except ArchitectureError as err:
             runner.release()
@@ -495,7 +519,9 @@ def make_objective(setup: Setup, parent: str, environment: dict, summary: Search
             log.info(f"trial {trial.number}: pruned after epoch {len(progress.val_history)}")
             raise
         except KeyboardInterrupt:
-            end_trial(client, run_id, trial, "KILLED", "interrupted (Ctrl-C)")
+            # the checkpoint stays: the next invocation resumes this trial from its last finished epoch
+            trial.set_user_attr("interrupted", True)
+            end_trial(client, run_id, trial, "KILLED", "interrupted (Ctrl-C); the next run resumes it")
             raise
         except Exception as err:
             runner.release()
@@ -619,7 +645,8 @@ def trial_metrics(result, trial_seconds: float, logging_seconds: float) -> dict:
     return {"process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "best_val_accuracy": result.val_accuracy, "best_val_loss": result.val_loss,
             "best_val_top3_accuracy": result.val_top3_accuracy, "best_epoch": result.best_epoch,
-            "epochs_run": result.epochs_run, "param_count": result.param_count,
+            "epochs_run": result.epochs_run, "epochs_resumed_from": result.resumed_from_epoch,
+            "param_count": result.param_count,
             "train_seconds": result.fit_seconds, "trial_seconds": trial_seconds,
             "logging_seconds": logging_seconds, **result.test}
 
@@ -650,37 +677,152 @@ def best_value(study: optuna.Study) -> float | None:
     return max((t.values[0] for t in complete if feasible(t)), default=None)
 
 
-def close_retried_run(client, study: optuna.Study, trial: optuna.Trial) -> int | None:
-    """A heartbeat retry starts with a copy of the dead attempt's user attrs: fail that attempt's MLflow run.
-
-    Returns the number of the attempt this trial retries, or None for a trial that is not a retry."""
+def retried_trial(study: optuna.Study, trial: optuna.Trial) -> int | None:
+    """The number of the trial a heartbeat retry re-runs (the last dead attempt), or None for other trials."""
     history = study._storage.get_trial_system_attrs(trial._trial_id).get("retry_history")
-    if not history:
-        return None
+    return history[-1] if history else None
+
+
+def close_retried_run(client, trial: optuna.Trial) -> None:
+    """A retry that starts afresh (no checkpoint to take over) fails the dead attempt's MLflow run.
+
+    A heartbeat retry starts with a copy of the dead attempt's user attrs, its run id among them."""
     stale_run = trial.user_attrs.get("mlflow_run_id")
     if stale_run and client.get_run(stale_run).info.status == "RUNNING":
         tracking.finish_trial_run(client, stale_run, "FAIL",
                                   f"its worker stopped sending heartbeats; retried as trial {trial.number}")
-    return history[-1]
 
 
-def recover_stale_trials(study: optuna.Study, client, exp_id: str) -> None:
+# ---------------------------------------------------------------- checkpoints and resuming
+
+
+TRIAL_FILE = "trial.json"
+
+
+def checkpoints_of(setup: Setup) -> Path:
+    """The folder holding the checkpoints of a study's running trials."""
+    return setup.config.resolved_workdir() / "checkpoints" / setup.study.study_name
+
+
+def checkpoint_dir(checkpoints: Path, number: int) -> Path:
+    """One trial's checkpoint folder: its training state (runners.train.EpochCheckpoint) and trial.json."""
+    return checkpoints / f"trial-{number}"
+
+
+def write_trial_file(folder: Path, study: str, number: int, run_id: str, params: dict, seed: int) -> None:
+    """What a taking-over trial needs besides the training state: the run to continue, parameters, seed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"study": study, "trial": number, "mlflow_run_id": run_id, "params": params, "seed": seed},
+                      default=str)
+    (folder / f"{TRIAL_FILE}.tmp").write_text(text)
+    os.replace(folder / f"{TRIAL_FILE}.tmp", folder / TRIAL_FILE)
+
+
+def claim_checkpoint(checkpoints: Path, old: int, new: int) -> bool:
+    """Move a dead trial's checkpoint folder to the trial that takes it over; False if it has none.
+
+    The rename is atomic: when two processes try to take the same trial over, one of them gets it."""
+    try:
+        os.rename(checkpoint_dir(checkpoints, old), checkpoint_dir(checkpoints, new))
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def take_over_checkpoint(setup: Setup, trial: optuna.Trial, retry_of: int | None) -> dict | None:
+    """For a trial that continues a dead one: the dead trial's trial.json and the epochs it finished; else None.
+
+    A trial enqueued by recover_stale_trials already holds the folder; a heartbeat retry claims it here.
+    A dead trial whose runner kept no state but logged epochs (a fine-tuning transfer trial) cannot be
+    continued without logging epochs twice: such a trial restarts, in a new run."""
+    checkpoints, client = checkpoints_of(setup), setup.client
+    folder = checkpoint_dir(checkpoints, trial.number)
+    if retry_of is not None and not folder.is_dir():
+        claim_checkpoint(checkpoints, retry_of, trial.number)
+    if not (folder / TRIAL_FILE).is_file():
+        return None
+    from runners.train import checkpoint_state
+
+    found = json.loads((folder / TRIAL_FILE).read_text())
+    state = checkpoint_state(folder)
+    found["epoch"] = state["epoch"] if state else 0
+    if not state and client.get_run(found["mlflow_run_id"]).data.metrics:
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    return found
+
+
+def discard_checkpoint(checkpoints: Path | None, number: int) -> None:
+    """Remove a trial's checkpoint folder (the trial ended, or will never be continued)."""
+    if checkpoints is not None:
+        shutil.rmtree(checkpoint_dir(checkpoints, number), ignore_errors=True)
+
+
+class DiscardCheckpoint:
+    """An Optuna callback: a trial's checkpoint goes once its end is recorded (Ctrl-C never gets here)."""
+
+    def __init__(self, checkpoints: Path):
+        self.checkpoints = checkpoints
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        discard_checkpoint(self.checkpoints, trial.number)
+
+
+def enqueue_takeover(study: optuna.Study, dead: optuna.trial.FrozenTrial, checkpoints: Path) -> int | None:
+    """Queue a trial with a dead trial's parameters and hand it the checkpoint; its number, or None.
+
+    None when the dead trial left no checkpoint folder (or another process took it over first)."""
+    if not (checkpoint_dir(checkpoints, dead.number) / TRIAL_FILE).is_file():
+        return None
+    study.enqueue_trial(dead.params, user_attrs={"source": f"resume:{dead.number}", "resumes": dead.number})
+    queued = max((t for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+                  if t.user_attrs.get("resumes") == dead.number), key=lambda t: t.number)
+    if claim_checkpoint(checkpoints, dead.number, queued.number):
+        return queued.number
+    # another process took it over between our look and our rename: this copy must never run
+    study._storage.set_trial_user_attr(queued._trial_id, "fail_reason", f"trial {dead.number} was resumed elsewhere")
+    study._storage.set_trial_state_values(queued._trial_id, state=TrialState.FAIL)
+    return None
+
+
+def recover_stale_trials(study: optuna.Study, client, exp_id: str, checkpoints: Path | None = None,
+                         resume: bool = False) -> None:
     """After a crash: Optuna trials left RUNNING by a dead process on this host become FAIL, and open MLflow runs close.
 
-    With a heartbeat storage (a database server) such a trial is also queued again, as Optuna's heartbeat
-    would do after its grace period; and failed trials whose worker vanished elsewhere get their run closed."""
+    With `resume` (the study still needs trials), such a trial and one stopped by Ctrl-C are continued from
+    their checkpoints: a new trial with the same parameters is queued and takes the checkpoint over (Optuna
+    cannot hand a trial to another process). With a heartbeat storage (a database server) Optuna's retry
+    queues it instead, as its heartbeat would after the grace period, and the retry takes the checkpoint
+    over when it starts; failed trials whose worker vanished elsewhere get their run closed."""
     host = socket.gethostname()
     storage = study._storage
     retry = getattr(storage, "get_heartbeat_stale_trial_callback", lambda: None)()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if died_here(t, host):
-            storage.set_trial_user_attr(t._trial_id, "fail_reason", "its process ended during the trial")
+            resumed_as = enqueue_takeover(study, t, checkpoints) if resume and checkpoints and not retry else None
+            reason = "its process ended during the trial"
+            if resumed_as is not None:
+                reason += f"; resumed as trial {resumed_as}"
+                storage.set_trial_user_attr(t._trial_id, "resumed_as", resumed_as)
+            storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
             storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-            log.info(f"trial {t.number} was left running by a process that ended; marked failed")
+            log.info(f"trial {t.number} was left running by a process that ended; marked failed"
+                     + (f", resumed as trial {resumed_as}" if resumed_as is not None else ""))
             if retry:
                 retry(study, storage.get_trial(t._trial_id))
+            elif resumed_as is None:
+                discard_checkpoint(checkpoints, t.number)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        if checkpoints and t.user_attrs.get("interrupted") and checkpoint_dir(checkpoints, t.number).is_dir():
+            resumed_as = enqueue_takeover(study, t, checkpoints) if resume else None
+            if resumed_as is None:
+                discard_checkpoint(checkpoints, t.number)
+            else:
+                log.info(f"trial {t.number} was interrupted; resumed as trial {resumed_as}")
     tracking.close_orphans(client, exp_id, live=set())
     still_open = {run.info.run_id for run in tracking.open_runs(client, exp_id)}
+    # a resumed trial's run is shared with the failed trial it continues
+    still_open -= {t.user_attrs.get("mlflow_run_id") for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         run_id = t.user_attrs.get("mlflow_run_id")
         if run_id in still_open:
@@ -693,7 +835,8 @@ def finish_invocation(setup: Setup, parent: str, summary: SearchSummary, status:
     study, client = setup.study, setup.client
     setup.background.shutdown(wait=True)  # every trial's evaluation is logged and its run closed
     # a worker that died while this one finished the study must not leave its trial running forever
-    recover_stale_trials(study, client, setup.experiment_id)
+    recover_stale_trials(study, client, setup.experiment_id, checkpoints_of(setup),
+                         resume=count(study) < setup.target)
     # the best model is the most accurate feasible one; with several objectives the front is in the leaderboard
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if feasible(t)]
     if complete:

@@ -103,6 +103,18 @@ def start_trial_run(client: MlflowClient, exp_id: str, parent_id: str, study: st
     return run_id
 
 
+def reopen_trial_run(client: MlflowClient, run_id: str, parent_id: str, number: int, tags: dict) -> None:
+    """Continue an interrupted trial's run in this process: RUNNING again, under this process's parent run.
+
+    It now belongs to the Optuna trial `number` that continues it (the tags say which one it resumes)."""
+    client.update_run(run_id, status="RUNNING")
+    with contextlib.suppress(mlflow.exceptions.MlflowException):
+        client.delete_tag(run_id, "search.reason")  # why it stopped no longer holds
+    set_tags(client, run_id, {**tags, "mlflow.parentRunId": parent_id, "optuna.trial_number": number,
+                              "search.state": "RUNNING", "search.host": socket.gethostname(),
+                              "search.pid": os.getpid()})
+
+
 def log_datasets(client: MlflowClient, run_id: str, data) -> None:
     """Record which images each split held (name, split, digest) with mlflow's dataset inputs."""
     inputs = [DatasetInput(MlflowDataset(name=data.name, digest=data.digest(split), source_type="local",
@@ -152,6 +164,14 @@ class EpochLogger(keras.callbacks.Callback):
         started = time.perf_counter()
         log_metrics(self.client, self.run_id, dict(logs or {}), step=epoch + 1)
         self.seconds += time.perf_counter() - started
+
+
+def log_missing_epochs(client: MlflowClient, run_id: str, history: dict[str, list[float]]) -> None:
+    """Log the epochs of a checkpoint's history that the run lacks, each at its step (epoch from 1)."""
+    logged = {m.step for m in client.get_metric_history(run_id, "val_accuracy")}
+    for step in range(1, len(history.get("val_accuracy", [])) + 1):
+        if step not in logged:
+            log_metrics(client, run_id, {k: values[step - 1] for k, values in history.items()}, step=step)
 
 
 @contextlib.contextmanager

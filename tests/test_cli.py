@@ -67,6 +67,9 @@ def test_ctrl_c_kills_the_running_trial_and_the_same_command_resumes(tmp_path, c
     assert resumed.returncode == 0, resumed.stderr
     study = optuna.load_study(study_name="tiny-cifar10", storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    # the interrupted trial was continued from its checkpoint, in its own run
+    assert study.trials[1].user_attrs["resumes"] == 0 and study.trials[1].user_attrs["resumed_from_epoch"] >= 1
+    assert study.trials[1].user_attrs["mlflow_run_id"] == run_id
     exp = client.get_experiment_by_name("tiny-cifar10")
     assert not client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
 

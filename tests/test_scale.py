@@ -206,14 +206,19 @@ def test_no_completed_trial_is_lost_when_a_worker_dies(killed_worker):
 
 
 @pytest.mark.slow
-def test_the_killed_trials_mlflow_run_is_closed_and_its_retry_has_its_own(killed_worker):
+def test_the_killed_trials_mlflow_run_is_continued_by_its_retry_or_closed(killed_worker):
     client, killed = killed_worker.client, killed_worker.killed
-    # FAILED when the retry closes it, KILLED when a worker of the same host finds the process gone first
-    assert client.get_run(killed.user_attrs["mlflow_run_id"]).info.status in ("FAILED", "KILLED")
     retry = next(t for t in killed_worker.trials.values() if t.system_attrs.get("failed_trial") == killed.number)
     retry_run = client.get_run(retry.user_attrs["mlflow_run_id"])
-    assert retry_run.info.run_id != killed.user_attrs["mlflow_run_id"]
     assert retry_run.data.tags["search.source"] == f"retry:{killed.number}"
+    if "resumes" in retry.user_attrs:  # the retry took the killed trial's checkpoint over: one run, continued
+        assert retry.user_attrs["resumes"] == killed.number
+        assert retry_run.info.run_id == killed.user_attrs["mlflow_run_id"]
+        assert retry_run.info.status == "FINISHED" and retry_run.data.tags["optuna.trial_number"] == str(retry.number)
+    else:  # killed before its trial had a checkpoint folder: a new run, the killed one closed
+        # FAILED when the retry closes it, KILLED when a worker of the same host finds the process gone first
+        assert client.get_run(killed.user_attrs["mlflow_run_id"]).info.status in ("FAILED", "KILLED")
+        assert retry_run.info.run_id != killed.user_attrs["mlflow_run_id"]
 
 
 # ---------------------------------------------------------------- a real MLflow tracking server
