@@ -24,7 +24,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--data-dir", help="folder holding Images/ (default: Keras's cache)")
     p.add_argument("--breeds", help="N (first N breeds) or names; default all 120")
     p.add_argument("--subset", type=int, help="at most this many images per split")
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--image-size", type=int, default=288, help="input side (default 288, the transfer space's)")
     p.add_argument("--epochs", type=int, default=10, help="most epochs of a head trial")
     p.add_argument("--compare-epochs", type=int, default=1, help="epochs of the with/without-cache comparison")
     p.add_argument("--trials", type=int, default=12, help="trials of the quick head search (0 = skip it)")
