@@ -11,7 +11,7 @@ from search.bench import search as bench
 from search.bench.__main__ import main as bench_main
 
 ARMS = ("search", "random", "baseline", "reference")
-BUDGET = 30  # seconds per arm
+BUDGET = 20  # seconds per arm
 
 
 def table_rows(printed: str) -> dict[str, list[str]]:

@@ -4,7 +4,8 @@
     python -m search.bench search --dataset stanford_dogs --image-size 128 --budget 5400 --data-dir DIR
 
 Runs, one after the other on the same machine and data, each for the same wall-clock budget:
-  search     the harness's default search (Optuna TPE + median pruner, the space's defaults tried first);
+  search     the harness's default search (Optuna TPE + Hyperband over epochs, the default pruner of a
+             time-budgeted run; the space's defaults tried first);
   random     random search, no pruner, no default trial;
   baseline   the space's best hand-made baseline (search.space.baseline_trials), trained once;
   reference  a plain CNN a skilled Keras user would write without any search (REFERENCE below), trained once.
@@ -31,7 +32,7 @@ from search.bench.overhead import matmul_gflops
 from search.bench.transfer import cpu_count, cpu_name, has_avx512
 
 ARMS = ("search", "random", "baseline", "reference")
-DESCRIPTIONS = {"search": "harness default search (TPE + median pruner)",
+DESCRIPTIONS = {"search": "harness default search (TPE + Hyperband)",
                 "random": "random search, no pruner",
                 "baseline": "best hand-made baseline, trained once",
                 "reference": "plain reference CNN, trained once"}
