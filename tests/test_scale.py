@@ -150,11 +150,12 @@ def created_study(name: str, storage: str, timeout: float) -> optuna.Study:
 
 
 def running_trial_of(study: optuna.Study, pid: int, timeout: float) -> optuna.trial.FrozenTrial:
-    """The trial a worker process is running, once it has started one."""
+    """The trial a worker process is running, once it has started one and opened its MLflow run."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for t in study.get_trials(states=(TrialState.RUNNING,)):
-            if t.user_attrs.get("pid") == pid:
+            # the pid is recorded before the run is opened: a kill between the two leaves no run to check
+            if t.user_attrs.get("pid") == pid and t.user_attrs.get("mlflow_run_id"):
                 return t
         time.sleep(0.3)
     raise AssertionError(f"worker {pid} started no trial within {timeout} s")
