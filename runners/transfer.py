@@ -379,7 +379,7 @@ def train_through_backbone(params: dict, data: Dataset, backbone: Backbone, weig
         model, lambda first_epoch: training_batches(x_train, y_train, n_classes, batch, recipe, size, seed,
                                                     first_epoch=first_epoch),
         val, epochs=epochs, own_callbacks=fit_callbacks(params, patience), callbacks=list(callbacks or []),
-        checkpoint=checkpoint)
+        checkpoint=checkpoint, shuffle=False)  # the pipeline shuffles, seeded per epoch
     if params.get("mode") == "fine_tune":
         done = len(history["loss"])
         unfreeze_last_layers(backbone_model, params["unfreeze_layers"])
@@ -387,7 +387,7 @@ def train_through_backbone(params: dict, data: Dataset, backbone: Backbone, weig
         compile_model(model, tuned, steps, params["fine_tune_epochs"])
         more = model.fit(training_batches(x_train, y_train, n_classes, batch, recipe, size, seed, first_epoch=done),
                          validation_data=val, initial_epoch=done, epochs=done + params["fine_tune_epochs"], verbose=0,
-                         callbacks=fit_callbacks(tuned, patience) + list(callbacks or []))
+                         shuffle=False, callbacks=fit_callbacks(tuned, patience) + list(callbacks or []))
         history = {k: list(v) + list(more.history.get(k, [])) for k, v in history.items()}
     result = result_of(history, time.perf_counter() - started, model)
     result.resumed_from_epoch = first
