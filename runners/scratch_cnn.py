@@ -116,10 +116,19 @@ def conv_block(x, block: dict, batch_norm: bool, residual: bool):
 
 
 def train_and_evaluate(params: dict, data, **kwargs) -> train.TrialResult:
-    """Train and evaluate this model on data (see runners.train.train_and_evaluate for the arguments)."""
-    architectures = (kwargs.get("options") or {}).get("architectures")
+    """Train and evaluate this model on data (see runners.train.train_and_evaluate for the arguments).
+
+    `options["max_mflops"]` (the space's budget) rejects, before training, a model whose forward pass costs
+    more MFLOP per image: it keeps every epoch of the space within minutes on a CPU."""
+    options = kwargs.get("options") or {}
+    architectures, limit = options.get("architectures"), options.get("max_mflops")
 
     def build(p, image_size, n_classes):
-        return build_model(p, image_size, n_classes, architectures)
+        model = build_model(p, image_size, n_classes, architectures)
+        mflops = train.forward_flops(model) / 1e6
+        if limit and mflops > limit:
+            raise ArchitectureError(f"{mflops:,.0f} MFLOP per image at {image_size}px, over the space's "
+                                    f"budget.max_mflops ({limit:,.0f})")
+        return model
 
     return train.train_and_evaluate(params, data, build, **kwargs)

@@ -244,6 +244,34 @@ def make_optimizer(params: dict, steps_per_epoch: int, epochs: int) -> keras.opt
     raise ValueError(f"unknown optimizer '{name}'; known: adam, adamw, rmsprop, sgd")
 
 
+def forward_flops(model) -> float:
+    """Floating-point operations of one image's forward pass: 2 x the multiply-adds of convolutions and dense layers."""
+    from keras import layers
+
+    macs = 0.0
+    for layer in all_layers(model):
+        if isinstance(layer, (layers.DepthwiseConv2D, layers.SeparableConv2D, layers.Conv2D, layers.Dense)):
+            out = tuple(layer.output.shape)
+            positions = math.prod(d for d in out[1:-1] if d)  # output pixels (1 for a dense layer on vectors)
+            if isinstance(layer, layers.DepthwiseConv2D):
+                macs += positions * out[-1] * math.prod(layer.kernel_size)
+            elif isinstance(layer, layers.SeparableConv2D):
+                cin = layer.depthwise_kernel.shape[2]
+                macs += positions * cin * layer.depth_multiplier * (math.prod(layer.kernel_size) + out[-1])
+            else:
+                macs += positions * math.prod(layer.kernel.shape)  # kh x kw x cin/groups x cout, or in x out
+    return 2 * macs
+
+
+def all_layers(model):
+    """Every layer, nested models opened."""
+    for layer in model.layers:
+        if hasattr(layer, "layers"):
+            yield from all_layers(layer)
+        else:
+            yield layer
+
+
 def make_loss(params: dict) -> keras.losses.Loss:
     """Categorical cross-entropy (with label smoothing) or mean squared error on one-hot labels."""
     name = params.get("loss", "categorical_crossentropy")

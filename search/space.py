@@ -20,7 +20,8 @@ from search.errors import ConfigError
 
 TOP_KEYS = {"name", "description", "model", "dataset", "budget", "params", "datasets", "recipes", "fidelity",
             "architectures", "baselines"}
-BUDGET_KEYS = {"trials": int, "epochs": int, "patience": int, "subset": (int, type(None)), "timeout": (int, float, type(None))}
+BUDGET_KEYS = {"trials": int, "epochs": int, "patience": int, "subset": (int, type(None)),
+               "timeout": (int, float, type(None)), "max_mflops": (int, float, type(None))}
 PARAM_KEYS = {"type", "low", "high", "step", "log", "choices", "default", "when", "value", "grid"}
 PARAM_TYPES = ("int", "float", "categorical", "fixed")
 DATASET_KINDS = ("cifar10", "stanford_dogs", "folder")

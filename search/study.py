@@ -513,7 +513,8 @@ def make_objective(setup: Setup, parent: str, environment: dict, summary: Search
         except optuna.TrialPruned:
             runner.release()
             metrics = {"best_val_accuracy": max(progress.val_history, default=None),
-                       "epochs_run": len(progress.val_history)}
+                       "epochs_run": len(progress.val_history),
+                       "budget_fraction": len(progress.val_history) / max(setup.epochs, 1)}
             tracking.log_metrics(client, run_id, metrics)
             end_trial(client, run_id, trial, "PRUNED", f"pruned after epoch {len(progress.val_history)}")
             log.info(f"trial {trial.number}: pruned after epoch {len(progress.val_history)}")
@@ -580,7 +581,7 @@ def runner_options(setup: Setup) -> dict:
     """Run-wide settings a runner may need besides the trial's parameters."""
     c = setup.config
     return {"weights": c.weights, "workdir": str(c.resolved_workdir()), "data_dir": c.data_dir,
-            "architectures": setup.space.architectures}
+            "architectures": setup.space.architectures, "max_mflops": setup.space.budget.get("max_mflops")}
 
 
 def dataset_at(setup: Setup, image_size: int):

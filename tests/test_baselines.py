@@ -110,3 +110,12 @@ def test_a_time_budgeted_run_prunes_with_hyperband_over_the_spaces_epochs():
     assert pruner_name(SearchConfig(), timeout=3600, objectives=["val_accuracy"]) == "hyperband"
     assert pruner_name(SearchConfig(), timeout=None, objectives=["val_accuracy"]) == "median"
     assert pruner_name(SearchConfig(pruner="sha"), timeout=3600, objectives=["val_accuracy"]) == "sha"
+
+
+def test_a_model_over_the_spaces_compute_budget_is_rejected_before_training(cifar_dir, workdir, tmp_path):
+    space = write_space(tmp_path, TINY_SPACE.replace("subset: 300}", "subset: 300, max_mflops: 0.01}"))
+    run_search(SearchConfig(space=str(space), data_dir=str(cifar_dir), trials=1))
+    study = optuna.load_study(study_name="tiny-cifar10", storage=f"sqlite:///{workdir}/optuna.db")
+    (trial,) = study.trials
+    assert trial.state == optuna.trial.TrialState.PRUNED and not trial.intermediate_values
+    assert "over the space's budget.max_mflops (0)" in trial.user_attrs["end_reason"]

@@ -28,6 +28,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from runners.train import forward_flops
 from search.bench.overhead import matmul_gflops
 from search.bench.transfer import cpu_count, cpu_name, has_avx512
 
@@ -337,34 +338,6 @@ def best_so_far(arm: str, data, batch_size: int, started: float, budget: float):
 
 
 # ---------------------------------------------------------------- rates
-
-
-def forward_flops(model) -> float:
-    """Floating-point operations of one image's forward pass: 2 x the multiply-adds of convolutions and dense layers."""
-    from keras import layers
-
-    macs = 0.0
-    for layer in all_layers(model):
-        if isinstance(layer, (layers.DepthwiseConv2D, layers.SeparableConv2D, layers.Conv2D, layers.Dense)):
-            out = tuple(layer.output.shape)
-            positions = math.prod(d for d in out[1:-1] if d)  # output pixels (1 for a dense layer on vectors)
-            if isinstance(layer, layers.DepthwiseConv2D):
-                macs += positions * out[-1] * math.prod(layer.kernel_size)
-            elif isinstance(layer, layers.SeparableConv2D):
-                cin = layer.depthwise_kernel.shape[2]
-                macs += positions * cin * layer.depth_multiplier * (math.prod(layer.kernel_size) + out[-1])
-            else:
-                macs += positions * math.prod(layer.kernel.shape)  # kh x kw x cin/groups x cout, or in x out
-    return 2 * macs
-
-
-def all_layers(model):
-    """Every layer, nested models opened."""
-    for layer in model.layers:
-        if hasattr(layer, "layers"):
-            yield from all_layers(layer)
-        else:
-            yield layer
 
 
 def training_rate(sizes: dict, epochs: int, fit_seconds: float | None, flops: float | None) -> dict:
