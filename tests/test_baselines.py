@@ -119,3 +119,18 @@ def test_a_model_over_the_spaces_compute_budget_is_rejected_before_training(cifa
     (trial,) = study.trials
     assert trial.state == optuna.trial.TrialState.PRUNED and not trial.intermediate_values
     assert "over the space's budget.max_mflops (0)" in trial.user_attrs["end_reason"]
+
+
+def test_the_leaderboard_at_equal_fidelity_ranks_trials_by_their_first_n_epochs(cifar_dir, workdir, tiny_space):
+    from search.results import at_epochs
+
+    run_search(SearchConfig(space=str(tiny_space), data_dir=str(cifar_dir), trials=2, epochs=2, pruner="none",
+                            sampler="random"))
+    table = leaderboard(["tiny-cifar10"], workdir=str(workdir))
+    assert set(table["budget"]) == {1.0}                         # both trained the full 2 epochs
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    first = {row.trial: client.get_metric_history(row.run_id, "val_accuracy") for row in table.itertuples()}
+    ranked = at_epochs(table, 1, workdir=str(workdir))
+    expected = sorted(first, key=lambda t: (-next(m.value for m in first[t] if m.step == 1), t))
+    assert list(ranked["trial"]) == expected and set(ranked["epochs"]) == {1}
+    assert at_epochs(table, 3, workdir=str(workdir)).empty       # no trial reached 3 epochs
