@@ -94,7 +94,7 @@ def test_running_one_arm_again_redraws_the_table_from_every_saved_arm(benchmark,
     table = table_rows(printed)
     assert list(table) == list(ARMS)  # every saved arm, not just the one that ran
     # checkpoints follow the longest budget; the reference, run for half of it, has no value at the end
-    assert f"test @ {BUDGET / 60:g} min" in printed and table["reference"][4] == "-"
+    assert f"test @ {bench.minutes(BUDGET)}" in printed and table["reference"][4] == "-"
     assert table["search"][4] != "-" and "different budgets" in printed
     assert (out / bench.PLOT_NAME).is_file()
 
