@@ -241,7 +241,7 @@ def run_single_arm(arm: str, args: argparse.Namespace) -> tuple[list, dict]:
     print(f"   configuration {name}: {json.dumps(params, default=str)}", flush=True)
     data = load_dataset(args.dataset, data_dir=args.data_dir, image_size=params["image_size"],
                         subset=args.subset or None, workdir=args.out / "stores")
-    options = {"architectures": getattr(space, "architectures", {}), "workdir": str(args.out / "stores"),
+    options = {"architectures": space.architectures, "workdir": str(args.out / "stores"),
                "data_dir": args.data_dir}
     tracker = best_so_far(arm, data, params["batch_size"], time.perf_counter(), args.budget)
 
@@ -276,8 +276,6 @@ def single_arm_params(arm: str, space, args: argparse.Namespace) -> tuple[str, d
     from search.errors import ConfigError
 
     if arm == "baseline":
-        if not hasattr(spaces, "baseline_trials"):
-            raise ConfigError("the baseline arm needs search.space.baseline_trials (the space's baselines:)")
         trials = spaces.baseline_trials(space)
         if not trials:
             raise ConfigError(f"space '{space.name}' has no baseline for {args.dataset}")
@@ -287,8 +285,7 @@ def single_arm_params(arm: str, space, args: argparse.Namespace) -> tuple[str, d
         name, wanted = f"reference ({args.dataset})", REFERENCE[args.dataset]
         problems = [f"{key}={value!r}" for key, value in wanted.items()
                     if key != "architecture" and (key not in space.params or not spaces.is_valid(space.params[key], value))]
-        architectures = getattr(space, "architectures", None) or {}
-        if wanted["architecture"] not in architectures:
+        if wanted["architecture"] not in space.architectures:
             problems.append(f"architecture={wanted['architecture']!r} (not among the space's architectures)")
         if problems:
             raise ConfigError(f"space '{space.name}' cannot express the reference CNN: {', '.join(problems)}")
