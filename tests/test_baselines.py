@@ -67,6 +67,7 @@ baselines:
 """
 
 
+@pytest.mark.slow
 def test_baselines_run_first_and_are_marked_in_both_stores_and_the_leaderboard(cifar_dir, workdir, tmp_path):
     space = write_space(tmp_path, BASELINE_SPACE)
     run_search(SearchConfig(space=str(space), data_dir=str(cifar_dir), trials=4, baselines=True))
@@ -81,6 +82,7 @@ def test_baselines_run_first_and_are_marked_in_both_stores_and_the_leaderboard(c
     assert set(table.loc[table["trial"] == 0, "source"]) == {"baseline:best_known"}
 
 
+@pytest.mark.slow
 def test_accuracy_against_size_is_a_multi_objective_study_with_a_constraint(cifar_dir, workdir, tiny_space):
     config = SearchConfig(space=str(tiny_space), data_dir=str(cifar_dir), trials=3, sampler="tpe",
                           objectives="val_accuracy,params", max_params=20_000)
@@ -121,6 +123,7 @@ def test_a_model_over_the_spaces_compute_budget_is_rejected_before_training(cifa
     assert "over the space's budget.max_mflops (0)" in trial.user_attrs["end_reason"]
 
 
+@pytest.mark.slow
 def test_the_leaderboard_at_equal_fidelity_ranks_trials_by_their_first_n_epochs(cifar_dir, workdir, tiny_space):
     from search.results import at_epochs
 
