@@ -11,7 +11,10 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -166,6 +169,46 @@ def random_states(model: keras.Model) -> list:
     return [v for v in model.variables if id(v) not in saved]
 
 
+class StopAtBatchEnd(keras.callbacks.Callback):
+    """Ctrl-C during fit raises KeyboardInterrupt at the next batch end, not inside an epoch-end write.
+
+    An interrupt that lands inside a SQLite commit (MLflow's epoch log, Optuna's report) leaves that
+    connection holding the database lock, and the trial can then not even be recorded as killed."""
+
+    def __init__(self):
+        super().__init__()
+        self.pressed = False
+
+    def press(self, signum, frame):
+        """The SIGINT handler: remember the press; a second press does not wait."""
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+
+    def check(self, *_, **__):
+        """Raise KeyboardInterrupt if Ctrl-C was pressed since the last check."""
+        if self.pressed:
+            raise KeyboardInterrupt
+
+    on_train_batch_end = on_test_batch_end = on_epoch_begin = check
+
+
+@contextmanager
+def interrupts_at_batch_end():
+    """Within the block, Ctrl-C waits for the yielded callback's next check (or the block's end)."""
+    stop = StopAtBatchEnd()
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield stop  # someone else owns Ctrl-C here (a worker thread, a notebook)
+        return
+    previous = signal.signal(signal.SIGINT, stop.press)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    stop.check()
+
+
 def fit_resumable(model: keras.Model, training, validation, *, epochs: int, own_callbacks: list,
                   callbacks: list, checkpoint=None, **fit_args) -> tuple[dict, float, int]:
     """model.fit from the checkpoint's last finished epoch (when there is one), saving one after every epoch.
@@ -182,8 +225,9 @@ def fit_resumable(model: keras.Model, training, validation, *, epochs: int, own_
                 if isinstance(c, (keras.callbacks.EarlyStopping, keras.callbacks.ReduceLROnPlateau))]
     saver = [EpochCheckpoint(checkpoint, stateful)] if checkpoint else []
     started = time.perf_counter()
-    fit = model.fit(training(first), validation_data=validation, initial_epoch=first, epochs=last, verbose=0,
-                    callbacks=list(own_callbacks) + saver + list(callbacks), **fit_args)
+    with interrupts_at_batch_end() as stop:
+        fit = model.fit(training(first), validation_data=validation, initial_epoch=first, epochs=last, verbose=0,
+                        callbacks=[stop] + list(own_callbacks) + saver + list(callbacks), **fit_args)
     restored = state["history"] if state else {}
     seconds = time.perf_counter() - started + sum(restored.get("epoch_seconds", []))
     history = {k: list(restored.get(k, [])) + list(fit.history.get(k, [])) for k in {*restored, *fit.history}}

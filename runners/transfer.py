@@ -385,9 +385,10 @@ def train_through_backbone(params: dict, data: Dataset, backbone: Backbone, weig
         unfreeze_last_layers(backbone_model, params["unfreeze_layers"])
         tuned = {**params, "learning_rate": params["learning_rate"] * params["fine_tune_lr_factor"]}
         compile_model(model, tuned, steps, params["fine_tune_epochs"])
-        more = model.fit(training_batches(x_train, y_train, n_classes, batch, recipe, size, seed, first_epoch=done),
-                         validation_data=val, initial_epoch=done, epochs=done + params["fine_tune_epochs"], verbose=0,
-                         shuffle=False, callbacks=fit_callbacks(tuned, patience) + list(callbacks or []))
+        with train.interrupts_at_batch_end() as stop:
+            more = model.fit(training_batches(x_train, y_train, n_classes, batch, recipe, size, seed, first_epoch=done),
+                             validation_data=val, initial_epoch=done, epochs=done + params["fine_tune_epochs"],
+                             verbose=0, shuffle=False, callbacks=[stop] + fit_callbacks(tuned, patience) + list(callbacks or []))
         history = {k: list(v) + list(more.history.get(k, [])) for k, v in history.items()}
     result = result_of(history, time.perf_counter() - started, model)
     result.resumed_from_epoch = first

@@ -6,6 +6,7 @@ import sys
 import time
 
 import optuna
+import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
@@ -83,3 +84,15 @@ def test_results_exports_every_format(tmp_path, cifar_dir):
         done = run("search.results", "--study", "tiny-cifar10", "--format", fmt, "--out", str(out), cwd=tmp_path)
         assert done.returncode == 0, done.stderr
         assert marker in out.read_text()
+
+
+def test_ctrl_c_during_training_waits_for_the_next_batch_end_then_interrupts():
+    from runners.train import interrupts_at_batch_end
+
+    finished_write = False
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_at_batch_end():
+            os.kill(os.getpid(), signal.SIGINT)  # as if pressed during an epoch-end database write
+            time.sleep(0.1)  # Python runs signal handlers between bytecodes: the handler has run by now
+            finished_write = True
+    assert finished_write and signal.getsignal(signal.SIGINT) is signal.default_int_handler
