@@ -19,6 +19,7 @@ class SearchConfig:
     data_dir: str | None = None            # local copy of the data (else caches, else download)
     trials: int | None = None              # study target of complete + pruned trials
     timeout: float | None = None           # seconds this invocation may run trials
+    refit: float | str = "auto"            # fraction of the timeout kept to retrain the best (auto: 0.4 with a timeout)
     epochs: int | None = None              # most epochs per trial
     subset: int | None = None              # at most this many images per split; 0 = all
     image_size: int | None = None          # overrides the space's image_size

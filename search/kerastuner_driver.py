@@ -79,6 +79,9 @@ def _prepare(config: SearchConfig) -> TunerSetup:
         raise ConfigError(f"unknown tuner '{config.tuner}'; available: {', '.join(TUNERS)}")
     workdir = config.resolved_workdir()
     dataset, space, budget = optuna_driver.resolve_space(config)
+    if str(config.refit).strip().lower() != "auto" and optuna_driver.refit_fraction(config, None, ["val_accuracy"]):
+        raise ConfigError(f"--refit {config.refit}: the Keras Tuner driver has no refit phase; use --driver optuna "
+                          "or leave --refit out")
     if not hasattr(optuna_driver.model_runner(space.model), "build_model"):
         raise ConfigError(f"model '{space.model}' has no build_model(params, image_size, n_classes), which the "
                           "Keras Tuner driver needs; use --driver optuna for it")

@@ -139,6 +139,28 @@ def pruner_name(config: SearchConfig, timeout: float | None, objectives: list[st
     return config.pruner
 
 
+REFIT_AUTO = 0.4   # of the timeout: enough for the refit to train several times longer than an explored trial
+REFIT_MAX = 0.9    # beyond this too little time is left to explore before the refit
+
+
+def refit_fraction(config: SearchConfig, timeout: float | None, objectives: list[str]) -> float:
+    """The fraction of --timeout kept for the refit: `auto` is 0.4 when time is the budget and the study has one
+    objective (there is then one best configuration to retrain), else 0; a bad fraction is a ConfigError."""
+    if str(config.refit).strip().lower() == "auto":
+        return REFIT_AUTO if timeout and len(objectives) == 1 else 0.0
+    try:
+        fraction = float(config.refit)
+    except (TypeError, ValueError):
+        fraction = float("nan")
+    if not 0 <= fraction <= REFIT_MAX:  # NaN fails too
+        raise ConfigError(f"--refit {config.refit}: give a fraction of --timeout between 0 and {REFIT_MAX} "
+                          "(0 = no refit), or auto")
+    if fraction and len(objectives) > 1:
+        raise ConfigError(f"--refit {config.refit}: a multi-objective study (--objectives {config.objectives}) has a "
+                          "Pareto front, not one best configuration to retrain; leave --refit out or give 0")
+    return fraction
+
+
 def parse_objectives(text: str) -> list[str]:
     """--objectives as a list starting with val_accuracy; unknown names list the known ones."""
     names = [n.strip() for n in text.split(",") if n.strip()]
@@ -184,6 +206,7 @@ class Setup:
     experiment_id: str
     storage_url: str
     tracking_uri: str
+    refit: float = 0.0  # fraction of the timeout kept for the refit phase
     data_cache: dict = field(default_factory=dict)
     background: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=1))
 
@@ -233,6 +256,8 @@ def _prepare(config: SearchConfig) -> Setup:
     workdir = config.resolved_workdir()
     dataset, space, budget = resolve_space(config)
     target, epochs, timeout, subset = budget.trials, budget.epochs, budget.timeout, budget.subset
+    objectives = parse_objectives(config.objectives)
+    refit = refit_fraction(config, timeout, objectives)
     runner = model_runner(space.model)
     if hasattr(runner, "prepare_space"):
         runner.prepare_space(space, config)  # transfer: --backbone narrows the choice, --weights is checked
@@ -244,7 +269,6 @@ def _prepare(config: SearchConfig) -> Setup:
     setup_data = {}
     probe_data(config, dataset, space, subset, workdir, setup_data)
     storage = open_storage(storage_url)
-    objectives = parse_objectives(config.objectives)
     fidelity = space.fidelity
     study = optuna.create_study(study_name=study_name, storage=storage, load_if_exists=True,
                                 directions=[OBJECTIVES[name][0] for name in objectives],
@@ -257,7 +281,7 @@ def _prepare(config: SearchConfig) -> Setup:
     client = tracking.connect(uri)
     exp_id = tracking.experiment_id(client, study_name, artifact_root(uri, workdir))
     return Setup(config, space, dataset, study, target, timeout, epochs, budget.patience, subset, client, exp_id,
-                 storage_url, uri, setup_data)
+                 storage_url, uri, refit, setup_data)
 
 
 def probe_data(config: SearchConfig, dataset: str, space: spaces.Space, subset, workdir: Path, cache: dict):
@@ -334,7 +358,7 @@ def invocation_settings(setup: Setup) -> dict:
             "pruner": pruner_name(c, setup.timeout, parse_objectives(c.objectives)), "objectives": c.objectives,
             "max_params": c.max_params, "max_inference_ms": c.max_inference_ms, "baselines": c.baselines,
             "seed": c.seed, "storage": tracking.redact(setup.storage_url), "breeds": c.breeds,
-            "image_size": c.image_size, "workers": c.workers, "warm_start": c.warm_start}
+            "image_size": c.image_size, "workers": c.workers, "warm_start": c.warm_start, "refit": setup.refit}
 
 
 def first_trials(setup: Setup) -> None:
@@ -398,7 +422,9 @@ def optimize(setup: Setup, parent: str, environment: dict, summary: SearchSummar
     callbacks = [optuna.study.MaxTrialsCallback(setup.target, states=COUNTED), failures, patience, memory,
                  DiscardCheckpoint(checkpoints_of(setup))]
     objective = make_objective(setup, parent, environment, summary)
-    study.optimize(objective, n_trials=None, timeout=setup.timeout, callbacks=callbacks,
+    started = time.monotonic()
+    explore = setup.timeout * (1 - setup.refit) if setup.timeout else None
+    study.optimize(objective, n_trials=None, timeout=explore, callbacks=callbacks,
                    catch=(Exception,))  # runners.train.release collects garbage once per trial
     summary.counted = count(study)
     if failures.tripped:
@@ -414,8 +440,79 @@ def optimize(setup: Setup, parent: str, environment: dict, summary: SearchSummar
         log.info(f"stopped: {patience.reason}")
     elif summary.counted < setup.target:
         summary.stopped = "timeout"
-        log.info(f"time budget of {setup.timeout:.0f} s reached after {summary.counted} of {setup.target} trials; "
+        budget = (f"exploration's {explore:.0f} s of the {setup.timeout:.0f} s budget" if setup.refit
+                  else f"time budget of {setup.timeout:.0f} s")
+        log.info(f"{budget} reached after {summary.counted} of {setup.target} trials; "
                  "run the same command again to continue (--timeout 0 for no limit)")
+    if setup.refit and not memory.reason:  # a process about to be replaced starts no long trial
+        refit_best(setup, parent, objective, setup.timeout - (time.monotonic() - started))
+        summary.counted = count(study)
+
+
+# ---------------------------------------------------------------- the refit phase
+
+
+def best_explored(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The explored (not refit) complete feasible trial with the best validation accuracy, or None."""
+    explored = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if feasible(t) and t.user_attrs.get("refit_of") is None]
+    return max(explored, key=lambda t: t.values[0], default=None)
+
+
+def refit_plan(best: optuna.trial.FrozenTrial, remaining: float) -> tuple[int, float] | None:
+    """(epochs, expected seconds) of a refit of `best` that fills `remaining` seconds, never fewer epochs than
+    `best` ran; None when `best` recorded no timings.
+
+    An epoch costs what `best`'s epochs cost on average; building the model and the test pass cost what they
+    cost `best` (its trial seconds beyond its training seconds), once."""
+    ran = best.user_attrs.get("epochs_run") or len(best.intermediate_values)
+    per_epoch = best.user_attrs.get("epoch_seconds")
+    if not per_epoch and best.user_attrs.get("train_seconds") and ran:  # trials recorded before epoch_seconds
+        per_epoch = best.user_attrs["train_seconds"] / ran
+    if not per_epoch or not ran:
+        return None
+    fixed = max(0.0, (best.user_attrs.get("trial_seconds") or 0.0) - (best.user_attrs.get("train_seconds") or 0.0))
+    epochs = max(ran, int((remaining - fixed) // per_epoch))
+    return epochs, fixed + epochs * per_epoch
+
+
+def refit_best(setup: Setup, parent: str, objective, remaining: float) -> None:
+    """Train the best explored configuration once more, for the time exploration left, as one more trial.
+
+    Its epoch count (user attr `epochs`) makes its learning-rate schedule span the remaining time; it goes
+    through the same objective as every trial (MLflow run, checkpoints, leaderboard, best model), unpruned."""
+    study = setup.study
+    best = best_explored(study)
+    if best is None or remaining <= 0:
+        log.info("refit: skipped, " + ("no complete trial to retrain" if best is None
+                                       else f"exploration used the whole {setup.timeout:.0f} s"))
+        return
+    busy = (TrialState.WAITING, TrialState.RUNNING)
+    if any(t.user_attrs.get("refit_of") == best.number for t in study.get_trials(deepcopy=False, states=busy)):
+        log.info(f"refit: trial {best.number}'s configuration is already being refit by another worker")
+        return
+    plan = refit_plan(best, remaining)
+    if plan is None:
+        log.info(f"refit: skipped, trial {best.number} recorded no epoch timings")
+        return
+    epochs, seconds = plan
+    log.info(f"refit: trial {best.number}'s configuration for {epochs} epochs (~{seconds:.0f} s)")
+    tracking.set_tags(setup.client, parent, {"search.refit_of": best.number, "search.refit_epochs": epochs,
+                                             "search.refit_planned_seconds": round(seconds)})
+    study.enqueue_trial(best.params, user_attrs={"source": "refit", "refit_of": best.number, "epochs": epochs})
+    queued = max((t for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+                  if t.user_attrs.get("refit_of") == best.number), key=lambda t: t.number)
+    if not study._storage.set_trial_state_values(queued._trial_id, state=TrialState.RUNNING):
+        log.info(f"refit: trial {queued.number} was taken by another worker")
+        return
+    # Optuna runs the first waiting trial of the queue, which may be a baseline or warm start exploration left:
+    # this one call runs the refit trial claimed above instead
+    study._pop_waiting_trial_id = lambda: queued._trial_id
+    try:
+        study.optimize(objective, n_trials=1, callbacks=[DiscardCheckpoint(checkpoints_of(setup))],
+                       catch=(Exception,))
+    finally:
+        del study._pop_waiting_trial_id
 
 
 def count(study: optuna.Study) -> int:
@@ -451,7 +548,12 @@ def make_objective(setup: Setup, parent: str, environment: dict, summary: Search
 
     def objective(trial: optuna.Trial) -> float:
         retry_of = retried_trial(study, trial)
-        if beyond_target(study, trial, setup.target):
+        refit_of = trial.user_attrs.get("refit_of")  # the refit phase's trial (see refit_best)
+        epochs = int(trial.user_attrs.get("epochs") or setup.epochs)
+        # a refit's schedule spans its epochs: early stopping and the pruner must not cut it short, and it runs
+        # even when exploration reached --trials
+        patience = epochs if refit_of is not None else setup.patience
+        if refit_of is None and beyond_target(study, trial, setup.target):
             trial.set_user_attr("surplus", True)
             trial.set_user_attr("fail_reason", f"study already has {setup.target} trials")
             raise SurplusTrial(f"study already has {setup.target} trials")
@@ -464,10 +566,13 @@ def make_objective(setup: Setup, parent: str, environment: dict, summary: Search
         seed = resumed["seed"] if resumed else setup.config.seed * 1000 + trial.number
         for key, value in {"host": socket.gethostname(), "pid": os.getpid(), "seed": seed}.items():
             trial.set_user_attr(key, value)
-        context = {"dataset": setup.dataset, "subset": setup.subset, "epochs_max": setup.epochs,
-                   "patience": setup.patience, "seed": seed, "model": space.model}
+        context = {"dataset": setup.dataset, "subset": setup.subset, "epochs_max": epochs,
+                   "patience": patience, "seed": seed, "model": space.model}
         source = f"retry:{retry_of}" if retry_of is not None else trial.user_attrs.get("source", "sampler")
-        tags = {"search.source": source, "search.device": environment.get("device", ""),
+        refit_tags = {}
+        if refit_of is not None:  # a resumed or retried refit is still the refit
+            source, refit_tags = "refit", {"search.refit": "true", "search.refit_of": str(refit_of)}
+        tags = {"search.source": source, "search.device": environment.get("device", ""), **refit_tags,
                 "search.baseline": trial.user_attrs.get("baseline", ""),
                 "search.rerun_command": f"python -m search.run --rerun {study.study_name}:{trial.number}"}
         if resumed:
@@ -490,7 +595,7 @@ def make_objective(setup: Setup, parent: str, environment: dict, summary: Search
         for step, value in enumerate(restored if len(study.directions) == 1 else []):  # multi-objective: no reports
             if step not in reported:  # a heartbeat retry may have inherited them
                 trial.report(value, step)  # the restored epochs, so the pruner sees the whole curve
-        progress = runner.Progress(trial.number, count(study) + 1, setup.target, setup.epochs, best_value(study))
+        progress = runner.Progress(trial.number, count(study) + 1, setup.target, epochs, best_value(study))
         progress.val_history = list(restored)
         try:
             runner_module = model_runner(space.model)
@@ -499,10 +604,10 @@ def make_objective(setup: Setup, parent: str, environment: dict, summary: Search
                 tracking.log_datasets(client, run_id, data)
             logger = tracking.EpochLogger(client, run_id)
             started = time.perf_counter()
+            prunable = len(study.directions) == 1 and refit_of is None
             result = runner_module.train_and_evaluate(
-                params, data, epochs=setup.epochs, patience=setup.patience, seed=seed, recipes=space.recipes,
-                callbacks=[logger, progress] + ([KerasPruningCallback(trial, "val_accuracy")]
-                                                if len(study.directions) == 1 else []),
+                params, data, epochs=epochs, patience=patience, seed=seed, recipes=space.recipes,
+                callbacks=[logger, progress] + ([KerasPruningCallback(trial, "val_accuracy")] if prunable else []),
                 options=runner_options(setup), checkpoint=folder)
             trial_seconds = time.perf_counter() - started
         except ArchitectureError as err:
@@ -612,8 +717,11 @@ def finished(setup: Setup, trial: optuna.Trial, run_id: str, result, trial_secon
     if result.tags:
         tracking.set_tags(setup.client, run_id, result.tags)
     for key in ("test_accuracy", "test_top3_accuracy", "train_seconds", "param_count", "inference_ms",
-                "budget_fraction"):
+                "budget_fraction", "epochs_run", "trial_seconds"):
         trial.set_user_attr(key, metrics.get(key))
+    timed = result.history.get("epoch_seconds", [])[1:] or result.history.get("epoch_seconds", [])
+    if timed:  # what one more epoch of this configuration costs, for a refit's plan (the first epoch also traces)
+        trial.set_user_attr("epoch_seconds", sum(timed) / len(timed))
     constraints = constraint_values(setup.config, metrics)
     for name, over in constraints.items():  # Optuna's constrained search (TPE) and Pareto front read these
         trial.set_constraint(name, over)
@@ -775,7 +883,8 @@ def enqueue_takeover(study: optuna.Study, dead: optuna.trial.FrozenTrial, checkp
     None when the dead trial left no checkpoint folder (or another process took it over first)."""
     if not (checkpoint_dir(checkpoints, dead.number) / TRIAL_FILE).is_file():
         return None
-    study.enqueue_trial(dead.params, user_attrs={"source": f"resume:{dead.number}", "resumes": dead.number})
+    carried = {k: dead.user_attrs[k] for k in ("refit_of", "epochs") if k in dead.user_attrs}  # a refit stays one
+    study.enqueue_trial(dead.params, user_attrs={"source": f"resume:{dead.number}", "resumes": dead.number, **carried})
     queued = max((t for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
                   if t.user_attrs.get("resumes") == dead.number), key=lambda t: t.number)
     if claim_checkpoint(checkpoints, dead.number, queued.number):

@@ -5,8 +5,8 @@
 
 Runs, one after the other on the same machine and data, each for the same wall-clock budget:
   search     the harness's default search (Optuna TPE + Hyperband over epochs, the default pruner of a
-             time-budgeted run; the space's defaults tried first);
-  random     random search, no pruner, no default trial;
+             time-budgeted run; the space's defaults tried first; the last 40% of the budget refits the best);
+  random     random search, no pruner, no default trial, no refit;
   baseline   the space's best hand-made baseline (search.space.baseline_trials), trained once;
   reference  a plain CNN a skilled Keras user would write without any search (REFERENCE below), trained once.
 A single training's epoch count comes from a timed first epoch, so its learning-rate schedule spans the
@@ -33,13 +33,13 @@ from search.bench.overhead import matmul_gflops
 from search.bench.transfer import cpu_count, cpu_name, has_avx512
 
 ARMS = ("search", "random", "baseline", "reference")
-DESCRIPTIONS = {"search": "harness default search (TPE + Hyperband)",
+DESCRIPTIONS = {"search": "harness default search (TPE + Hyperband, then refit)",
                 "random": "random search, no pruner",
                 "baseline": "best hand-made baseline, trained once",
                 "reference": "plain reference CNN, trained once"}
 # the search arms: SearchConfig settings besides the shared ones (the rest are the harness's defaults)
 SEARCH_ARMS = {"search": {},
-               "random": {"sampler": "random", "pruner": "none", "default_trial": False}}
+               "random": {"sampler": "random", "pruner": "none", "default_trial": False, "refit": 0}}
 
 # The reference (d): what a skilled Keras user writes without any search. Overrides of the space's defaults;
 # the layouts themselves are the named architectures of spaces/scratch_cnn.yaml.
@@ -191,6 +191,10 @@ def run_search_arm(arm: str, args: argparse.Namespace) -> tuple[list, dict]:
     facts = {"study": name, "trials": len(study.trials),
              "complete": sum(t.state.name == "COMPLETE" for t in study.trials),
              "pruned": sum(t.state.name == "PRUNED" for t in study.trials)}
+    refits = [t for t in study.trials if t.user_attrs.get("refit_of") is not None]
+    if refits:  # the refit phase's trial: which explored trial it retrained, how long
+        facts.update(refit_trial=refits[-1].number, refit_of=refits[-1].user_attrs["refit_of"],
+                     refit_epochs=refits[-1].user_attrs.get("epochs"), refit_state=refits[-1].state.name)
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     if complete:
         best = max(complete, key=lambda t: t.value)
@@ -226,7 +230,8 @@ def search_training_rate(best, args: argparse.Namespace, model_path: Path) -> di
     data = load_dataset(args.dataset, data_dir=args.data_dir, image_size=size, subset=args.subset or None,
                         workdir=args.out / "stores")
     flops = forward_flops(keras.saving.load_model(model_path, compile=False)) if model_path.is_file() else None
-    return training_rate(data.sizes(), len(best.intermediate_values), best.user_attrs.get("train_seconds"), flops)
+    epochs = best.user_attrs.get("epochs_run") or len(best.intermediate_values)  # a refit reports no epochs to Optuna
+    return training_rate(data.sizes(), epochs, best.user_attrs.get("train_seconds"), flops)
 
 
 def run_single_arm(arm: str, args: argparse.Namespace) -> tuple[list, dict]:

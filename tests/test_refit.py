@@ -1,0 +1,84 @@
+"""The refit phase of a time-budgeted search: explore for part of --timeout, then retrain the best configuration
+for the rest of it, as one more trial recorded like every other."""
+import os
+import subprocess
+import sys
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from search.config import SearchConfig
+from search.errors import ConfigError
+from search.results import leaderboard
+from search.study import parse_objectives, refit_fraction, run_search
+from conftest import ROOT, write_space, TINY_SPACE
+
+
+def command(*args, cwd):
+    """`python -m ARGS` as a user types it, from cwd."""
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=240)
+
+
+def test_a_timed_search_ends_by_retraining_its_best_configuration_for_longer(cifar_dir, workdir, tiny_space):
+    done = command("search.run", "--space", str(tiny_space), "--data-dir", str(cifar_dir), "--trials", "100",
+                   "--timeout", "20", "--refit", "0.5", "--sampler", "random", cwd=workdir.parent)
+    assert done.returncode == 0, done.stderr
+
+    study = optuna.load_study(study_name="tiny-cifar10", storage=f"sqlite:///{workdir}/optuna.db")
+    refits = [t for t in study.trials if t.user_attrs.get("source") == "refit"]
+    assert len(refits) == 1
+    refit = refits[0]
+    explored = [t for t in study.trials if t.state == TrialState.COMPLETE and t is not refit]
+    best = max(explored, key=lambda t: t.value)
+    assert refit.state == TrialState.COMPLETE  # never pruned
+    assert refit.user_attrs["refit_of"] == best.number and refit.params == best.params
+    assert refit.user_attrs["epochs"] > best.user_attrs["epochs_run"]
+    assert f"refit: trial {best.number}'s configuration for {refit.user_attrs['epochs']} epochs" in done.stdout
+
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    refit_run = client.get_run(refit.user_attrs["mlflow_run_id"])
+    assert refit_run.data.tags["search.refit"] == "true" and refit_run.data.tags["search.refit_of"] == str(best.number)
+    # early stopping's patience is the refit's epochs: its schedule runs to the end
+    assert len(client.get_metric_history(refit_run.info.run_id, "val_accuracy")) == refit.user_attrs["epochs"]
+    parent = client.get_run(refit_run.data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["search.refit_of"] == str(best.number)
+
+    table = leaderboard(["tiny-cifar10"], workdir=str(workdir))
+    assert table.loc[table["trial"] == refit.number, "source"].item() == "refit"
+    # the refit competes as a trial: the best model is whichever has the higher validation accuracy
+    assert int(parent.data.tags["search.best_trial"]) == (refit if refit.value > best.value else best).number
+
+
+def test_a_refit_fraction_above_0_9_exits_2_with_a_message(tmp_path):
+    done = command("search.run", "--refit", "0.95", "--timeout", "60", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "--refit 0.95: give a fraction of --timeout between 0 and 0.9" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_multi_objective_study_refuses_a_refit_and_auto_leaves_it_off(tmp_path):
+    space = write_space(tmp_path, TINY_SPACE)
+    done = command("search.run", "--space", str(space), "--timeout", "60", "--refit", "0.4",
+                   "--objectives", "val_accuracy,params", cwd=tmp_path)
+    assert done.returncode == 2 and "multi-objective" in done.stderr and "Traceback" not in done.stderr
+    pareto = SearchConfig(objectives="val_accuracy,params")
+    assert refit_fraction(pareto, 60, parse_objectives(pareto.objectives)) == 0
+    assert refit_fraction(SearchConfig(), 60, ["val_accuracy"]) == 0.4  # auto with a time budget
+    assert refit_fraction(SearchConfig(), None, ["val_accuracy"]) == 0  # ... and without one
+
+
+def test_the_keras_tuner_driver_refuses_a_refit(cifar_dir, workdir, tiny_space):
+    with pytest.raises(ConfigError, match="Keras Tuner driver has no refit"):
+        run_search(SearchConfig(space=str(tiny_space), data_dir=str(cifar_dir), driver="kerastuner", refit=0.4))
+
+
+def test_the_refit_fills_the_time_left_with_epochs_of_the_best_trials_measured_length():
+    from search.study import refit_plan
+
+    best = optuna.trial.create_trial(value=0.6, user_attrs={"epochs_run": 2, "epoch_seconds": 10.0,
+                                                            "train_seconds": 21.0, "trial_seconds": 26.0})
+    assert refit_plan(best, remaining=100) == (9, 95.0)  # 5 s of building and testing, then 9 epochs of 10 s
+    assert refit_plan(best, remaining=15) == (2, 25.0)   # never fewer epochs than the best trial ran
