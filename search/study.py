@@ -445,7 +445,9 @@ def optimize(setup: Setup, parent: str, environment: dict, summary: SearchSummar
         log.info(f"{budget} reached after {summary.counted} of {setup.target} trials; "
                  "run the same command again to continue (--timeout 0 for no limit)")
     if setup.refit and not memory.reason:  # a process about to be replaced starts no long trial
-        refit_best(setup, parent, objective, setup.timeout - (time.monotonic() - started))
+        # at most its share: a run whose trials end early is not stretched to the whole --timeout
+        left = setup.timeout - (time.monotonic() - started)
+        refit_best(setup, parent, objective, min(left, setup.timeout * setup.refit))
         summary.counted = count(study)
 
 
