@@ -495,3 +495,11 @@ def build_lite0_backbone(input_shape=(224, 224, 3), weights="imagenet"):
         # prefix of the full one, so the full-model file loads and the head is ignored.
         model.load_weights(str(weights))
     return model
+
+
+def imagenet_classifier(weights) -> tuple[np.ndarray, np.ndarray]:
+    """The ImageNet classifier of a full-model weights file: kernel (1280, 1000) and bias (1000,)."""
+    model = build_efficientnet_lite0(include_top=True)
+    model.load_weights(str(weights))
+    kernel, bias = model.get_layer("logits").get_weights()
+    return kernel, bias

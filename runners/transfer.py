@@ -243,6 +243,38 @@ def build_head(params: dict, feature_dim: int, n_classes: int) -> keras.Model:
     return keras.Model(inputs, train.classifier_head(inputs, params, n_classes), name="head")
 
 
+def imagenet_classifier(backbone: Backbone, weights: Weights) -> tuple[np.ndarray, np.ndarray]:
+    """The backbone's own ImageNet classifier (kernel, bias); only EfficientNet-Lite0's weights file keeps it."""
+    if backbone.application is not None or weights.path is None:
+        raise ArchitectureError(f"head_init imagenet: {backbone.name}'s no-top weights carry no ImageNet "
+                                "classifier; use head_init random")
+    from runners import lite0
+
+    return lite0.imagenet_classifier(weights.path)
+
+
+def init_from_imagenet(head: keras.Model, classifier: tuple[np.ndarray, np.ndarray], x_train: np.ndarray,
+                       y_train: np.ndarray) -> list[int]:
+    """Start each class's softmax row from the ImageNet class its training images score highest on average.
+
+    The classifier was trained on ~1,300 images per class, against the ~100 a breed has here, so this starts
+    the head where ImageNet left it (for the dogs: 84% test top-1 against 80% from a random start, measured
+    on Lite0 at 288 px). The match uses training images only. Returns the matched ImageNet class per class."""
+    kernel, bias = classifier
+    layer = head.get_layer("probabilities")
+    probabilities = keras.ops.convert_to_numpy(keras.ops.softmax(x_train @ kernel + bias))
+    new_kernel, new_bias = (np.array(w) for w in layer.get_weights())
+    matched = []
+    for c in range(new_kernel.shape[1]):
+        own = probabilities[y_train == c]
+        best = int(own.mean(axis=0).argmax()) if len(own) else -1  # a class with no training image keeps its random row
+        if best >= 0:
+            new_kernel[:, c], new_bias[c] = kernel[:, best], bias[best]
+        matched.append(best)
+    layer.set_weights([new_kernel, new_bias])
+    return matched
+
+
 def pooling_layer(name: str):
     """Global average or max pooling of the backbone's feature map."""
     return layers.GlobalMaxPooling2D(name="pool") if name == "max" else layers.GlobalAveragePooling2D(name="pool")
@@ -282,6 +314,9 @@ def train_and_evaluate(params: dict, data: Dataset, *, epochs: int, patience: in
     backbone = backbone_named(params["backbone"])
     check_size(backbone, data.image_size)
     weights = resolve_weights(backbone, data.image_size, options.get("weights"))
+    if params.get("head_init") == "imagenet" and (params.get("dense_layers", 0) or params.get("pooling") == "max"):
+        raise ArchitectureError("head_init imagenet puts the ImageNet classifier straight on average-pooled "
+                                "features: it needs dense_layers 0 and pooling average")
     keras.utils.set_random_seed(seed)
     if options.get("feature_cache", True) and uses_feature_cache(params, weights):
         result = train_on_cached_features(params, data, backbone, weights, epochs=epochs, patience=patience,
@@ -290,7 +325,8 @@ def train_and_evaluate(params: dict, data: Dataset, *, epochs: int, patience: in
     else:
         result = train_through_backbone(params, data, backbone, weights, epochs=epochs, patience=patience,
                                         seed=seed, recipes=recipes, callbacks=callbacks, evaluate_test=evaluate_test,
-                                        checkpoint=None if params.get("mode") == "fine_tune" else checkpoint)
+                                        checkpoint=None if params.get("mode") == "fine_tune" else checkpoint,
+                                        workdir=options.get("workdir") or "mlruns")
     result.tags.update({**weights.tags(), "search.backbone": backbone.name})
     return result
 
@@ -336,6 +372,8 @@ def train_on_cached_features(params: dict, data: Dataset, backbone: Backbone, we
     x_train, y_train = cache.split("train", pooling)
     x_val, y_val = cache.split("val", pooling)
     head = build_head(params, x_train.shape[1], n_classes)
+    if params.get("head_init") == "imagenet":
+        matched = init_from_imagenet(head, imagenet_classifier(backbone, weights), np.asarray(x_train), y_train)
     steps = math.ceil(len(y_train) / params["batch_size"])
     compile_model(head, params, steps, epochs)
     history, seconds, first = train.fit_resumable(
@@ -356,17 +394,23 @@ def train_on_cached_features(params: dict, data: Dataset, backbone: Backbone, we
         result.test_probabilities = probabilities
     result.tags.update({"search.feature_cache": "built" if cache.built else "reused",
                         "search.feature_cache_key": cache.key})
+    if params.get("head_init") == "imagenet":
+        result.tags["search.head_init_imagenet_classes"] = ",".join(map(str, matched))
     return result
 
 
 def train_through_backbone(params: dict, data: Dataset, backbone: Backbone, weights: Weights, *, epochs: int,
                            patience: int, seed: int, recipes: dict, callbacks, evaluate_test: bool,
-                           checkpoint=None) -> TrialResult:
+                           checkpoint=None, workdir="mlruns") -> TrialResult:
     """Train head (backbone frozen) on image batches, then, for fine_tune, the backbone's last layers too."""
     size, n_classes, batch = data.image_size, len(data.class_names), params["batch_size"]
     backbone_model = build_backbone(backbone, size, weights)
     backbone_model.trainable = False
     head = build_head(params, backbone_model.output_shape[-1], n_classes)
+    if params.get("head_init") == "imagenet":  # matched on the cached features (built once if absent)
+        cache, _ = feature_set(data, backbone, weights, workdir)
+        x_cached, y_cached = cache.split("train", "average")
+        matched = init_from_imagenet(head, imagenet_classifier(backbone, weights), np.asarray(x_cached), y_cached)
     model = build_model(backbone_model, backbone, head, params, size)
     x_train, y_train = data.splits["train"]
     x_val, y_val = data.splits["val"]
@@ -395,6 +439,8 @@ def train_through_backbone(params: dict, data: Dataset, backbone: Backbone, weig
     if evaluate_test:
         result.test, result.test_probabilities = train.evaluate(model, data, params)
     result.tags["search.feature_cache"] = "not used (augmentation or fine-tuning)"
+    if params.get("head_init") == "imagenet":
+        result.tags["search.head_init_imagenet_classes"] = ",".join(map(str, matched))
     return result
 
 

@@ -136,13 +136,35 @@ def test_a_damaged_feature_file_is_detected_and_rebuilt(dogs_dir, workdir):
 def test_fine_tuning_trains_the_head_then_the_last_layers_through_the_backbone(dogs_dir, workdir):
     data = small_dogs(dogs_dir, workdir, image_size=64, subset=24)
     params = default_params(mode="fine_tune", unfreeze_layers=10, fine_tune_epochs=1, fine_tune_lr_factor=0.1,
-                            augmentation="flip", batch_size=32)
+                            augmentation="flip", batch_size=32, head_init="random")
     recipes = spaces.load_space("transfer").recipes
     result = transfer.train_and_evaluate(params, data, epochs=1, patience=2, seed=0, recipes=recipes,
                                          options={"workdir": str(workdir)})
     assert result.epochs_run == 2 and 0.0 <= result.test["test_accuracy"] <= 1.0
     assert result.tags["search.feature_cache"].startswith("not used")
     assert not (workdir / "cache" / "features").exists()
+
+
+def test_a_head_started_from_imagenets_classifier_knows_the_breeds_before_training(dogs_dir, workdir):
+    data = small_dogs(dogs_dir, workdir, image_size=160, breeds=4, subset=None)  # 100 photos per breed
+    untrained = {"learning_rate": 1e-9, "dropout": 0.0}  # one epoch that changes nothing: the start itself is scored
+    scores = {}
+    for start in ("random", "imagenet"):
+        result = transfer.train_and_evaluate(default_params(head_init=start, **untrained), data, epochs=1,
+                                             patience=1, seed=0, recipes={}, options={"workdir": str(workdir)})
+        scores[start] = result.test["test_accuracy"]
+    assert scores["imagenet"] >= 0.8 and scores["imagenet"] >= scores["random"] + 0.3, scores
+    matched = [int(c) for c in result.tags["search.head_init_imagenet_classes"].split(",")]
+    assert all(151 <= c <= 275 for c in matched)  # every breed matched to one of ImageNet's dog classes
+
+
+def test_imagenet_head_init_is_refused_where_no_imagenet_classifier_exists(dogs_dir, workdir):
+    data = small_dogs(dogs_dir, workdir, image_size=64, subset=12)
+    with pytest.raises(transfer.ArchitectureError, match="dense_layers 0 and pooling average"):
+        transfer.train_and_evaluate(default_params(head_init="imagenet", pooling="max"), data, epochs=1, patience=1,
+                                    seed=0, recipes={}, options={"workdir": str(workdir)})
+    with pytest.raises(transfer.ArchitectureError, match="no ImageNet classifier"):
+        transfer.imagenet_classifier(BACKBONES["mobilenet_v2"], Weights(Path("mobilenet.h5"), "x"))
 
 
 def head_only_space(folder: Path) -> Path:
