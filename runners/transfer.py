@@ -9,6 +9,9 @@ head (dense layers with dropout, softmax). Two ways to train it:
   is trained first (backbone frozen), then the last `unfreeze_layers` layers of the backbone train too at
   `learning_rate * fine_tune_lr_factor` for `fine_tune_epochs` more epochs. Batch norm stays frozen in
   inference mode throughout (small data and live statistics do not mix).
+With `head_init: imagenet` (EfficientNet-Lite0, whose weights file keeps its ImageNet classifier) the
+softmax starts from that classifier's rows, each class taking the ImageNet class its training images score
+highest on: a start learnt from ~1,300 photos per class instead of the ~100 a breed has here.
 
 Weights: keras.applications backbones read the file keras.applications itself would use, from Keras's
 cache ($KERAS_HOME/models, else ~/.keras/models), or `--weights PATH`; a missing file is downloaded by
