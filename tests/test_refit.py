@@ -31,7 +31,7 @@ def test_a_timed_search_ends_by_retraining_its_best_configuration_for_longer(cif
     refits = [t for t in study.trials if t.user_attrs.get("source") == "refit"]
     assert len(refits) == 1
     refit = refits[0]
-    explored = [t for t in study.trials if t.state == TrialState.COMPLETE and t is not refit]
+    explored = [t for t in study.trials if t.state == TrialState.COMPLETE and t.number != refit.number]
     best = max(explored, key=lambda t: t.value)
     assert refit.state == TrialState.COMPLETE  # never pruned
     assert refit.user_attrs["refit_of"] == best.number and refit.params == best.params
