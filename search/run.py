@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import fields
 
 from search.config import SearchConfig
 from search.errors import ConfigError
+
+BUDGET_STARTED = "SEARCH_BUDGET_STARTED"  # passes the time budget's start to the process that replaces this one
 
 
 def parser() -> argparse.ArgumentParser:
@@ -83,15 +86,19 @@ def parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> SearchConfig:
     """A SearchConfig from parsed arguments (only the fields it has)."""
     names = {f.name for f in fields(SearchConfig)}
-    return SearchConfig(**{k: v for k, v in vars(args).items() if k in names})
+    config = SearchConfig(**{k: v for k, v in vars(args).items() if k in names})
+    if os.environ.get(BUDGET_STARTED):  # this process replaces one restarted for memory: same time budget
+        config.budget_started = float(os.environ.pop(BUDGET_STARTED))
+    return config
 
 
-def restart() -> None:
-    """Replace this process by a fresh one with the same arguments: the study resumes where it stopped."""
-    import os
-
+def restart(budget_started: float | None) -> None:
+    """Replace this process by a fresh one with the same arguments: the study resumes where it stopped, within
+    what is left of the same --timeout (its refit phase included)."""
     print("restarting with a fresh process (memory limit); the study resumes", flush=True)
     sys.stdout.flush()
+    if budget_started:
+        os.environ[BUDGET_STARTED] = repr(budget_started)
     os.execv(sys.executable, [sys.executable, "-m", "search.run", *sys.argv[1:]])
 
 
@@ -136,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     if summary.stopped == "memory" and argv is None:  # only a real command line is replaced
-        restart()
+        restart(summary.budget_started)
     table = leaderboard([summary.study_name], tracking_uri=config.tracking_uri, workdir=config.workdir)
     print(f"\nstudy {summary.study_name}: {summary.counted} of {summary.target} trials "
           f"(this run: {summary.trials_run}); best val_accuracy "

@@ -55,6 +55,7 @@ class SearchSummary:
     best_trial: int | None = None
     stopped: str = "target"
     stop_details: dict = field(default_factory=dict)
+    budget_started: float | None = None  # time.time() the time budget began (SearchConfig.budget_started)
 
 
 # ---------------------------------------------------------------- stores
@@ -423,9 +424,12 @@ def optimize(setup: Setup, parent: str, environment: dict, summary: SearchSummar
                  DiscardCheckpoint(checkpoints_of(setup))]
     objective = make_objective(setup, parent, environment, summary)
     started = time.monotonic()
-    explore = setup.timeout * (1 - setup.refit) if setup.timeout else None
-    study.optimize(objective, n_trials=None, timeout=explore, callbacks=callbacks,
-                   catch=(Exception,))  # runners.train.release collects garbage once per trial
+    summary.budget_started = setup.config.budget_started or time.time()
+    spent = max(0.0, time.time() - summary.budget_started)  # by the processes this one replaces
+    explore = max(0.0, setup.timeout * (1 - setup.refit) - spent) if setup.timeout else None
+    if explore != 0.0:
+        study.optimize(objective, n_trials=None, timeout=explore, callbacks=callbacks,
+                       catch=(Exception,))  # runners.train.release collects garbage once per trial
     summary.counted = count(study)
     if failures.tripped:
         summary.stopped = "failures"
@@ -446,7 +450,7 @@ def optimize(setup: Setup, parent: str, environment: dict, summary: SearchSummar
                  "run the same command again to continue (--timeout 0 for no limit)")
     if setup.refit and not memory.reason:  # a process about to be replaced starts no long trial
         # at most its share: a run whose trials end early is not stretched to the whole --timeout
-        left = setup.timeout - (time.monotonic() - started)
+        left = setup.timeout - spent - (time.monotonic() - started)
         refit_best(setup, parent, objective, min(left, setup.timeout * setup.refit))
         summary.counted = count(study)
 

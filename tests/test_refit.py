@@ -52,6 +52,22 @@ def test_a_timed_search_ends_by_retraining_its_best_configuration_for_longer(cif
     assert int(parent.data.tags["search.best_trial"]) == (refit if refit.value > best.value else best).number
 
 
+@pytest.mark.slow
+def test_a_process_restarted_for_memory_keeps_the_time_budget_and_still_refits(cifar_dir, workdir, tiny_space):
+    import time
+
+    started = time.monotonic()
+    done = command("search.run", "--space", str(tiny_space), "--data-dir", str(cifar_dir), "--trials", "1000",
+                   "--timeout", "30", "--refit", "0.5", "--max-memory-growth", "0.001", cwd=workdir.parent)
+    elapsed = time.monotonic() - started
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("restarting with a fresh process") >= 1
+    # a restarted process that began the budget anew would explore, grow and restart until --trials ran out
+    assert elapsed < 90, f"{elapsed:.0f} s for a 30 s budget"
+    study = optuna.load_study(study_name="tiny-cifar10", storage=f"sqlite:///{workdir}/optuna.db")
+    assert len([t for t in study.trials if t.user_attrs.get("source") == "refit"]) == 1
+
+
 def test_a_refit_fraction_above_0_9_exits_2_with_a_message(tmp_path):
     done = command("search.run", "--refit", "0.95", "--timeout", "60", cwd=tmp_path)
     assert done.returncode == 2
