@@ -34,7 +34,8 @@ def test_an_unknown_space_or_dataset_lists_the_available_ones(tmp_path):
     assert done.returncode == 2 and "cifar10, stanford_dogs, folder:PATH" in done.stderr
 
 
-def test_missing_data_says_where_to_put_it_before_any_trial(tmp_path):
+def test_missing_data_says_where_to_put_it_before_any_trial(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))  # an empty Keras cache, whatever this machine has
     done = run("search.run", "--data-dir", str(tmp_path / "nothing"), cwd=tmp_path)
     assert done.returncode == 2
     assert "CIFAR-10 not found" in done.stderr and "cifar-10-batches-py" in done.stderr
