@@ -35,7 +35,7 @@ def test_conditional_parameters_are_suggested_only_when_their_parent_allows():
 
 def test_defaults_and_grid_are_built_from_the_file():
     space = load_space("scratch_cnn")
-    assert default_params(space)["optimizer"] == "adamw"  # the plain reference recipe goes first
+    assert default_params(space)["optimizer"] == "adamw"  # fast_cifar's recipe goes first
     assert "momentum" not in default_params(space)
     assert grid_of(space)["pooling"] == ["max", "average"]
 
