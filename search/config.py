@@ -21,7 +21,7 @@ class SearchConfig:
     timeout: float | None = None           # seconds this invocation may run trials
     budget_started: float | None = None    # time.time() the --timeout began (None = now): a process restarted
                                            # for memory keeps the budget of the one it replaces
-    refit: float | str = "auto"            # fraction of the timeout kept to retrain the best (auto: 0.4 with a timeout)
+    refit: float | str = "auto"            # fraction of the timeout kept to retrain the best (auto: 0.5 with a timeout)
     epochs: int | None = None              # most epochs per trial
     subset: int | None = None              # at most this many images per split; 0 = all
     image_size: int | None = None          # overrides the space's image_size

@@ -5,7 +5,7 @@
 
 Runs, one after the other on the same machine and data, each for the same wall-clock budget:
   search     the harness's default search (Optuna TPE + Hyperband over epochs, the default pruner of a
-             time-budgeted run; the space's defaults tried first; the last 40% of the budget refits the best);
+             time-budgeted run; the space's defaults tried first; the last 50% of the budget refits the best);
   random     random search, no pruner, no default trial, no refit;
   baseline   the space's best hand-made baseline (search.space.baseline_trials), trained once;
   reference  a plain CNN a skilled Keras user would write without any search (REFERENCE below), trained once.
@@ -251,7 +251,7 @@ def run_single_arm(arm: str, args: argparse.Namespace) -> tuple[list, dict]:
                         subset=args.subset or None, workdir=args.out / "stores")
     options = {"architectures": space.architectures, "workdir": str(args.out / "stores"),
                "data_dir": args.data_dir}
-    tracker = best_so_far(arm, data, params["batch_size"], time.perf_counter(), args.budget)
+    tracker = best_so_far(arm, data, params, time.perf_counter(), args.budget)
 
     def train(epochs: int):
         return scratch_cnn.train_and_evaluate(params, data, epochs=epochs, patience=epochs, seed=0,
@@ -304,18 +304,15 @@ def single_arm_params(arm: str, space, args: argparse.Namespace) -> tuple[str, d
     return name, params
 
 
-def best_so_far(arm: str, data, batch_size: int, started: float, budget: float):
+def best_so_far(arm: str, data, params: dict, started: float, budget: float):
     """A Keras callback: after each epoch, if validation improved, the test accuracy of this model; one curve row
     (seconds since `started`, best val so far, its test accuracy) per epoch in `.curve`."""
     import keras
     import numpy as np
 
-    from runners.pipeline import evaluation_batches
-    from runners.train import evaluation_batch_size
+    from runners.train import test_predictions
 
-    x, y = data.splits["test"]
-    size = evaluation_batch_size(data.image_size, batch_size)
-    test_batches = evaluation_batches(x, y, len(data.class_names), size, data.image_size).map(lambda images, _: images)
+    y = data.splits["test"][1]
 
     class BestSoFar(keras.callbacks.Callback):
         def __init__(self):
@@ -331,7 +328,8 @@ def best_so_far(arm: str, data, batch_size: int, started: float, budget: float):
             self.epoch_seconds.append(float(logs.get("epoch_seconds", time.perf_counter() - self.started)))
             if val > self.best_val:
                 begun = time.perf_counter()
-                self.test = float(np.mean(np.argmax(self.model.predict(test_batches, verbose=0), axis=1) == y))
+                probabilities = np.mean(test_predictions(self.model, data, params), axis=0)  # as a trial's test
+                self.test = float(np.mean(np.argmax(probabilities, axis=1) == y))
                 self.test_seconds += time.perf_counter() - begun
                 self.best_val = val
             elapsed = time.perf_counter() - self.started
