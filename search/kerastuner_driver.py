@@ -26,7 +26,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import keras
@@ -50,23 +50,11 @@ KT_VALUES = {"tuner/epochs": "kerastuner.epochs", "tuner/initial_epoch": "kerast
 
 
 @dataclass
-class TunerSetup:
-    """Everything checked before the first trial (field names shared with search.study.Setup's data helpers)."""
+class TunerSetup(optuna_driver.RunSetup):
+    """Everything checked before the first trial: the run's set-up, its study name and the tuner's folder."""
 
-    config: SearchConfig
-    space: spaces.Space
-    dataset: str
-    study_name: str
-    target: int
-    timeout: float | None
-    epochs: int
-    patience: int
-    subset: int | None
-    client: object
-    experiment_id: str
-    tracking_uri: str
-    directory: Path
-    data_cache: dict = field(default_factory=dict)
+    study_name: str = ""
+    directory: Path = Path("kerastuner")
 
 
 def prepare(config: SearchConfig) -> TunerSetup:
@@ -92,10 +80,9 @@ def _prepare(config: SearchConfig) -> TunerSetup:
     optuna_driver.probe_data(config, dataset, space, budget.subset, workdir, cache)
     client = tracking.connect(uri)
     exp_id = tracking.experiment_id(client, study_name, artifact_root(uri, workdir))
-    return TunerSetup(config, space, dataset, study_name, target=budget.trials, timeout=budget.timeout,
-                      epochs=budget.epochs, patience=budget.patience, subset=budget.subset,
-                      client=client, experiment_id=exp_id, tracking_uri=uri,
-                      directory=workdir / "kerastuner", data_cache=cache)
+    return TunerSetup(config, space, dataset, target=budget.trials, timeout=budget.timeout, epochs=budget.epochs,
+                      patience=budget.patience, subset=budget.subset, client=client, experiment_id=exp_id,
+                      tracking_uri=uri, study_name=study_name, directory=workdir / "kerastuner", data_cache=cache)
 
 
 def check_translation(space: spaces.Space) -> None:

@@ -193,13 +193,12 @@ def constraint_values(config: SearchConfig, metrics: dict) -> dict[str, float]:
 
 
 @dataclass
-class Setup:
-    """Everything checked before the first trial."""
+class RunSetup:
+    """What every driver (Optuna here, Keras Tuner in search.kerastuner_driver) settles before its first trial."""
 
     config: SearchConfig
     space: spaces.Space
     dataset: str
-    study: optuna.Study
     target: int
     timeout: float | None
     epochs: int
@@ -207,10 +206,17 @@ class Setup:
     subset: int | None
     client: object
     experiment_id: str
-    storage_url: str
     tracking_uri: str
+    data_cache: dict = field(default_factory=dict)  # loaded datasets by image size, shared by the trials
+
+
+@dataclass
+class Setup(RunSetup):
+    """Everything checked before the first trial: the run's set-up and its Optuna study."""
+
+    study: optuna.Study = None
+    storage_url: str = ""
     refit: float = 0.0  # fraction of the timeout kept for the refit phase
-    data_cache: dict = field(default_factory=dict)
     background: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=1))
 
 
@@ -283,8 +289,8 @@ def _prepare(config: SearchConfig) -> Setup:
                           f"--objectives {config.objectives} has {len(objectives)}. Use another --study-name.")
     client = tracking.connect(uri)
     exp_id = tracking.experiment_id(client, study_name, artifact_root(uri, workdir))
-    return Setup(config, space, dataset, study, target, timeout, epochs, budget.patience, subset, client, exp_id,
-                 storage_url, uri, refit, setup_data)
+    return Setup(config, space, dataset, target, timeout, epochs, budget.patience, subset, client, exp_id, uri,
+                 study=study, storage_url=storage_url, refit=refit, data_cache=setup_data)
 
 
 def probe_data(config: SearchConfig, dataset: str, space: spaces.Space, subset, workdir: Path, cache: dict):

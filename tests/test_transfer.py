@@ -158,6 +158,22 @@ def test_a_head_started_from_imagenets_classifier_knows_the_breeds_before_traini
     assert all(151 <= c <= 275 for c in matched)  # every breed matched to one of ImageNet's dog classes
 
 
+def test_l2_sp_holds_a_head_started_from_imagenet_near_its_start(dogs_dir, workdir):
+    data = small_dogs(dogs_dir, workdir, image_size=96, breeds=3, subset=30)
+
+    def trained_head(**changes) -> np.ndarray:
+        params = default_params(head_init="imagenet", dropout=0.0, optimizer="adam", lr_schedule="constant",
+                                batch_size=8, **changes)
+        result = transfer.train_and_evaluate(params, data, epochs=10, patience=10, seed=0, recipes={},
+                                             options={"workdir": str(workdir)})
+        return result.model.get_layer("head").get_layer("probabilities").get_weights()[0]
+
+    start = trained_head(learning_rate=1e-9)  # where ImageNet's classifier puts it
+    free = np.linalg.norm(trained_head(learning_rate=1e-2, l2_sp=0.0) - start)
+    held = np.linalg.norm(trained_head(learning_rate=1e-2, l2_sp=1.0) - start)
+    assert held < free / 2, (held, free)
+
+
 def test_imagenet_head_init_is_refused_where_no_imagenet_classifier_exists(dogs_dir, workdir):
     data = small_dogs(dogs_dir, workdir, image_size=64, subset=12)
     with pytest.raises(transfer.ArchitectureError, match="dense_layers 0 and pooling average"):
