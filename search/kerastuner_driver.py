@@ -49,12 +49,12 @@ KT_VALUES = {"tuner/epochs": "kerastuner.epochs", "tuner/initial_epoch": "kerast
 # ---------------------------------------------------------------- set-up
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TunerSetup(optuna_driver.RunSetup):
     """Everything checked before the first trial: the run's set-up, its study name and the tuner's folder."""
 
-    study_name: str = ""
-    directory: Path = Path("kerastuner")
+    study_name: str
+    directory: Path
 
 
 def prepare(config: SearchConfig) -> TunerSetup:

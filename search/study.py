@@ -210,12 +210,12 @@ class RunSetup:
     data_cache: dict = field(default_factory=dict)  # loaded datasets by image size, shared by the trials
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Setup(RunSetup):
     """Everything checked before the first trial: the run's set-up and its Optuna study."""
 
-    study: optuna.Study = None
-    storage_url: str = ""
+    study: optuna.Study
+    storage_url: str
     refit: float = 0.0  # fraction of the timeout kept for the refit phase
     background: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=1))
 
@@ -477,8 +477,8 @@ def refit_plan(best: optuna.trial.FrozenTrial, remaining: float) -> tuple[int, f
     """(epochs, expected seconds) of a refit of `best` that fills `remaining` seconds, never fewer epochs than
     `best` ran; None when `best` recorded no timings.
 
-    An epoch costs what `best`'s epochs cost on average, plus REFIT_EPOCH_MARGIN; building the model and the test pass cost what they
-    cost `best` (its trial seconds beyond its training seconds), once."""
+    An epoch costs what `best`'s epochs cost on average, plus REFIT_EPOCH_MARGIN; building the model and the
+    test pass cost what they cost `best` (its trial seconds beyond its training seconds), once."""
     ran = best.user_attrs.get("epochs_run") or len(best.intermediate_values)
     per_epoch = best.user_attrs.get("epoch_seconds")
     if not per_epoch and best.user_attrs.get("train_seconds") and ran:  # trials recorded before epoch_seconds
