@@ -332,15 +332,18 @@ def train_and_evaluate(params: dict, data: Dataset, build_model, *, epochs: int,
                        options: dict | None = None, checkpoint=None) -> TrialResult:
     """Fit a model built from params on data's train split; validate every epoch; test once at the end.
 
-    `options` carries run-wide settings a model may need (weights file, workdir); this plain CNN needs none.
-    `checkpoint`: a folder where the training state is kept after every epoch; when it holds one, training
-    continues from that epoch (see EpochCheckpoint)."""
+    `options` carries run-wide settings a model may need (weights file, workdir); "initial_weights", a saved
+    model of the same configuration, starts training from its weights (a refit's warm restart) instead of
+    random ones. `checkpoint`: a folder where the training state is kept after every epoch; when it holds one,
+    training continues from that epoch (see EpochCheckpoint)."""
     keras.utils.set_random_seed(seed)
     size, n_classes, batch = data.image_size, len(data.class_names), params["batch_size"]
     x_train, y_train = data.splits["train"]
     x_val, y_val = data.splits["val"]
     steps = math.ceil(len(y_train) / batch)
     model = build_model(params, size, n_classes)
+    if (options or {}).get("initial_weights"):
+        model.load_weights(options["initial_weights"])  # a checkpoint, when there is one, replaces them below
     model.compile(optimizer=make_optimizer(params, steps, epochs), loss=make_loss(params),
                   metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"),
                            keras.metrics.TopKCategoricalAccuracy(k=3, name="top3_accuracy")])

@@ -78,7 +78,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=d.workers,
                    help="processes sharing the study (with no --storage they share mlruns/optuna.journal)")
     p.add_argument("--mixed-precision", dest="mixed_precision", action=argparse.BooleanOptionalAction,
-                   default=None, help="float16 compute on GPUs (default: on where the GPU supports it)")
+                   default=None, help="float16 compute on GPUs, bfloat16 on CPUs (default: on where the hardware multiplies it natively)")
     p.add_argument("--quiet", action="store_true", help="print only the final table")
     return p
 

@@ -140,14 +140,17 @@ def pruner_name(config: SearchConfig, timeout: float | None, objectives: list[st
     return config.pruner
 
 
-REFIT_AUTO = 0.5   # of the timeout: in a measured hour on CIFAR-10 the refit (10 epochs) gained 5.6 points over its
-                   # 4-epoch trial, the last 20 min of exploration 0.7: time spent refitting was worth more
+REFIT_AUTO = 0.8   # of the timeout: two measured hours on CIFAR-10 found nothing better than the space's default in
+                   # 30 min of exploration, while every refit epoch gained (10 epochs: +5.6 points over its 4-epoch trial);
+                   # a fifth of an hour leaves round 1 (below) the 12 epochs that made 87.8% in the last measured run
+REFIT_ROUND_END = 0.5  # a refit that starts before this fraction of the timeout finishes a first round by then
+                       # (a finished model at half the budget), then a warm restart from it fills the rest
 REFIT_EPOCH_MARGIN = 1.05  # the refit plans its epochs 5% slower than measured: epochs of one model varied 107-146 s
 REFIT_MAX = 0.9    # beyond this too little time is left to explore before the refit
 
 
 def refit_fraction(config: SearchConfig, timeout: float | None, objectives: list[str]) -> float:
-    """The fraction of --timeout kept for the refit: `auto` is 0.5 when time is the budget and the study has one
+    """The fraction of --timeout kept for the refit: `auto` is 0.8 when time is the budget and the study has one
     objective (there is then one best configuration to retrain), else 0; a bad fraction is a ConfigError."""
     if str(config.refit).strip().lower() == "auto":
         return REFIT_AUTO if timeout and len(objectives) == 1 else 0.0
@@ -458,8 +461,8 @@ def optimize(setup: Setup, parent: str, environment: dict, summary: SearchSummar
                  "run the same command again to continue (--timeout 0 for no limit)")
     if setup.refit and not memory.reason:  # a process about to be replaced starts no long trial
         # at most its share: a run whose trials end early is not stretched to the whole --timeout
-        left = setup.timeout - spent - (time.monotonic() - started)
-        refit_best(setup, parent, objective, min(left, setup.timeout * setup.refit))
+        elapsed = spent + (time.monotonic() - started)
+        refit_best(setup, parent, objective, min(setup.timeout - elapsed, setup.timeout * setup.refit), elapsed)
         summary.counted = count(study)
 
 
@@ -491,10 +494,22 @@ def refit_plan(best: optuna.trial.FrozenTrial, remaining: float) -> tuple[int, f
     return epochs, fixed + epochs * per_epoch
 
 
-def refit_best(setup: Setup, parent: str, objective, remaining: float) -> None:
-    """Train the best explored configuration once more, for the time exploration left, as one more trial.
+def refit_rounds(best: optuna.trial.FrozenTrial, timeout: float, elapsed: float, remaining: float) -> list[float]:
+    """Seconds for each round of the refit: one round for the time left, or, when the refit starts before
+    REFIT_ROUND_END of the timeout and `best`'s epochs fit twice, a first round that ends there and a second
+    one (a warm restart from the first's weights) for the rest."""
+    first = timeout * REFIT_ROUND_END - elapsed
+    plan = refit_plan(best, first) if first > 0 else None
+    if plan is None or plan[1] > first or remaining - first < first:
+        return [remaining]
+    return [first, remaining - first]
 
-    Its epoch count (user attr `epochs`) makes its learning-rate schedule span the remaining time; it goes
+
+def refit_best(setup: Setup, parent: str, objective, remaining: float, elapsed: float = 0.0) -> None:
+    """Train the best explored configuration once more, for the time exploration left, as one or two trials.
+
+    Each round's epoch count (user attr `epochs`) makes its learning-rate schedule span its time; a second
+    round starts from the first one's weights (user attr `continues`), as a warm restart does. Rounds go
     through the same objective as every trial (MLflow run, checkpoints, leaderboard, best model), unpruned."""
     study = setup.study
     best = best_explored(study)
@@ -506,20 +521,42 @@ def refit_best(setup: Setup, parent: str, objective, remaining: float) -> None:
     if any(t.user_attrs.get("refit_of") == best.number for t in study.get_trials(deepcopy=False, states=busy)):
         log.info(f"refit: trial {best.number}'s configuration is already being refit by another worker")
         return
-    plan = refit_plan(best, remaining)
-    if plan is None:
+    if refit_plan(best, remaining) is None:
         log.info(f"refit: skipped, trial {best.number} recorded no epoch timings")
         return
-    epochs, seconds = plan
-    log.info(f"refit: trial {best.number}'s configuration for {epochs} epochs (~{seconds:.0f} s)")
-    tracking.set_tags(setup.client, parent, {"search.refit_of": best.number, "search.refit_epochs": epochs,
-                                             "search.refit_planned_seconds": round(seconds)})
-    study.enqueue_trial(best.params, user_attrs={"source": "refit", "refit_of": best.number, "epochs": epochs})
+    deadline = time.monotonic() + remaining
+    rounds = refit_rounds(best, setup.timeout, elapsed, remaining)
+    previous = None
+    for index, seconds in enumerate(rounds, start=1):
+        if index > 1:  # what the first round left, as it actually ran
+            seconds = deadline - time.monotonic()
+            if previous is None or seconds <= 0 or refit_plan(best, seconds)[1] > seconds:
+                log.info("refit: no second round, " + ("the first did not complete" if previous is None
+                                                         else "too little time left for it"))
+                return
+        epochs, planned = refit_plan(best, seconds)
+        label = f"round {index} of {len(rounds)}: " if len(rounds) > 1 else ""
+        start = f", starting from trial {previous.number}'s weights" if index > 1 else ""
+        log.info(f"refit: {label}trial {best.number}'s configuration for {epochs} epochs (~{planned:.0f} s){start}")
+        tracking.set_tags(setup.client, parent, {"search.refit_of": best.number, "search.refit_epochs": epochs,
+                                                 "search.refit_planned_seconds": round(planned),
+                                                 "search.refit_rounds": len(rounds)})
+        attrs = {"source": "refit", "refit_of": best.number, "epochs": epochs, "refit_round": index}
+        if previous is not None:
+            attrs.update(continues=previous.number, epochs_before=previous.user_attrs.get("epochs_run", 0)
+                         + previous.user_attrs.get("epochs_before", 0))
+        previous = run_refit_trial(setup, objective, best.params, attrs)
+
+
+def run_refit_trial(setup: Setup, objective, params: dict, attrs: dict) -> optuna.trial.FrozenTrial | None:
+    """Enqueue one refit trial, claim it, run it through the objective; the trial if it completed, else None."""
+    study = setup.study
+    study.enqueue_trial(params, user_attrs=attrs)
     queued = max((t for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-                  if t.user_attrs.get("refit_of") == best.number), key=lambda t: t.number)
+                  if t.user_attrs.get("refit_of") == attrs["refit_of"]), key=lambda t: t.number)
     if not study._storage.set_trial_state_values(queued._trial_id, state=TrialState.RUNNING):
         log.info(f"refit: trial {queued.number} was taken by another worker")
-        return
+        return None
     # Optuna runs the first waiting trial of the queue, which may be a baseline or warm start exploration left:
     # this one call runs the refit trial claimed above instead
     study._pop_waiting_trial_id = lambda: queued._trial_id
@@ -528,6 +565,8 @@ def refit_best(setup: Setup, parent: str, objective, remaining: float) -> None:
                        catch=(Exception,))
     finally:
         del study._pop_waiting_trial_id
+    done = study._storage.get_trial(queued._trial_id)
+    return done if done.state == TrialState.COMPLETE else None
 
 
 def count(study: optuna.Study) -> int:
@@ -623,7 +662,7 @@ def make_objective(setup: Setup, parent: str, environment: dict, summary: Search
             result = runner_module.train_and_evaluate(
                 params, data, epochs=epochs, patience=patience, seed=seed, recipes=space.recipes,
                 callbacks=[logger, progress] + ([KerasPruningCallback(trial, "val_accuracy")] if prunable else []),
-                options=runner_options(setup), checkpoint=folder)
+                options={**runner_options(setup), "initial_weights": start_weights(setup, trial)}, checkpoint=folder)
             trial_seconds = time.perf_counter() - started
         except ArchitectureError as err:
             runner.release()
@@ -704,6 +743,18 @@ def runner_options(setup: Setup) -> dict:
             "architectures": setup.space.architectures, "max_mflops": setup.space.budget.get("max_mflops")}
 
 
+def start_weights(setup: Setup, trial: optuna.Trial) -> str | None:
+    """The kept model a refit's second round starts from (user attr `continues`), or None: a fresh start."""
+    continues = trial.user_attrs.get("continues")
+    if continues is None:
+        return None
+    path = models_dir(setup) / f"trial-{continues}.keras"
+    if not path.is_file():  # fell out of the kept models (--keep-models): the round trains from scratch
+        log.warning(f"trial {trial.number}: trial {continues}'s model is not kept; training from scratch")
+        return None
+    return str(path)
+
+
 def dataset_at(setup: Setup, image_size: int):
     """The dataset at a trial's image size, loaded once per size (the last two sizes stay in memory)."""
     cache = setup.data_cache
@@ -727,7 +778,8 @@ def finished(setup: Setup, trial: optuna.Trial, run_id: str, result, trial_secon
     from runners import train as runner
 
     metrics = {**trial_metrics(result, trial_seconds, logging_seconds),
-               "budget_fraction": result.epochs_run / max(setup.epochs, 1)}  # of the full fidelity (max epochs)
+               # of the full fidelity (max epochs); a refit's second round counts the first round's epochs too
+               "budget_fraction": (result.epochs_run + trial.user_attrs.get("epochs_before", 0)) / max(setup.epochs, 1)}
     tracking.log_metrics(setup.client, run_id, metrics)
     if result.tags:
         tracking.set_tags(setup.client, run_id, result.tags)

@@ -41,6 +41,16 @@ def dogs_dir() -> Path:
     return shared("stanford_dogs")
 
 
+@pytest.fixture(autouse=True)
+def float32_after_each_test():
+    """A search run in this process sets Keras's precision policy (bfloat16 on CPUs that have it): reset it, so
+    tests that build models themselves compute in float32 whatever ran before them."""
+    yield
+    import keras
+
+    keras.mixed_precision.set_global_policy("float32")
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch) -> Path:
     """A fresh working folder: the stores and caches of one test, with cwd inside it."""

@@ -1,9 +1,11 @@
 """The refit phase of a time-budgeted search: explore for part of --timeout, then retrain the best configuration
-for the rest of it, as one more trial recorded like every other."""
+for the rest of it, as one more trial recorded like every other (or two: a round ending at half the budget, then a
+warm restart from its weights)."""
 import os
 import subprocess
 import sys
 
+import numpy as np
 import optuna
 import pytest
 from mlflow import MlflowClient
@@ -52,6 +54,60 @@ def test_a_timed_search_ends_by_retraining_its_best_configuration_for_longer(cif
     assert int(parent.data.tags["search.best_trial"]) == (refit if refit.value > best.value else best).number
 
 
+def test_a_refit_starting_before_half_the_budget_finishes_a_round_there_then_warm_restarts(cifar_dir, workdir,
+                                                                                          tiny_space):
+    done = command("search.run", "--space", str(tiny_space), "--data-dir", str(cifar_dir), "--trials", "100",
+                   "--timeout", "40", "--refit", "0.75", "--sampler", "random", cwd=workdir.parent)
+    assert done.returncode == 0, done.stderr
+
+    study = optuna.load_study(study_name="tiny-cifar10", storage=f"sqlite:///{workdir}/optuna.db")
+    first, second = sorted((t for t in study.trials if t.user_attrs.get("source") == "refit"), key=lambda t: t.number)
+    assert first.state == second.state == TrialState.COMPLETE
+    assert [first.user_attrs["refit_round"], second.user_attrs["refit_round"]] == [1, 2]
+    assert second.params == first.params and second.user_attrs["refit_of"] == first.user_attrs["refit_of"]
+    assert second.user_attrs["continues"] == first.number
+    assert second.user_attrs["epochs_before"] == first.user_attrs["epochs_run"]
+    assert f"round 2 of 2: trial {first.user_attrs['refit_of']}'s configuration" in done.stdout
+    assert f"starting from trial {first.number}'s weights" in done.stdout
+    # the first round ended by half the budget: a finished model exists at 20 of the 40 s
+    started = min(t.datetime_start for t in study.trials)
+    assert (first.datetime_complete - started).total_seconds() <= 20 + 3
+
+
+def test_a_second_round_starts_from_the_first_rounds_weights(cifar_dir, tmp_path):
+    from runners import scratch_cnn
+    from runners.datasets import load_dataset
+    from search import space as spaces
+
+    space = spaces.load_space(str(write_space(tmp_path, TINY_SPACE)))
+    params = {**spaces.default_params(space), "batch_norm": False}
+    data = load_dataset("cifar10", data_dir=str(cifar_dir), image_size=32, subset=300)
+    run = dict(epochs=2, patience=2, seed=0, recipes=space.recipes, evaluate_test=False)
+    first = scratch_cnn.train_and_evaluate(params, data, **run)
+    first.model.save(tmp_path / "first.keras")
+    x_val = data.splits["val"][0].astype("float32")
+
+    still = {**params, "learning_rate": 1e-9}  # training that cannot move the weights
+    resumed = scratch_cnn.train_and_evaluate(still, data, **{**run, "epochs": 1},
+                                             options={"initial_weights": str(tmp_path / "first.keras")})
+    fresh = scratch_cnn.train_and_evaluate(still, data, **{**run, "epochs": 1})
+
+    before = first.model.predict(x_val, verbose=0)
+    np.testing.assert_allclose(resumed.model.predict(x_val, verbose=0), before, atol=1e-4)
+    assert np.abs(fresh.model.predict(x_val, verbose=0) - before).max() > 0.05
+
+
+def test_the_refit_rounds_end_the_first_at_half_the_budget_when_the_refit_starts_before_it():
+    from search.study import refit_rounds
+
+    best = optuna.trial.create_trial(value=0.6, user_attrs={"epochs_run": 4, "epoch_seconds": 100.0,
+                                                            "train_seconds": 400.0, "trial_seconds": 420.0})
+    assert refit_rounds(best, timeout=3600, elapsed=900, remaining=2700) == [900, 1800]
+    assert refit_rounds(best, timeout=3600, elapsed=1800, remaining=1800) == [1800]   # starts at the half
+    assert refit_rounds(best, timeout=3600, elapsed=1500, remaining=2100) == [2100]   # 4 epochs do not fit in 300 s
+    assert refit_rounds(best, timeout=3600, elapsed=300, remaining=1600) == [1600]    # a second round shorter than the first
+
+
 @pytest.mark.slow
 def test_a_process_restarted_for_memory_keeps_the_time_budget_and_still_refits(cifar_dir, workdir, tiny_space):
     import time
@@ -82,7 +138,7 @@ def test_a_multi_objective_study_refuses_a_refit_and_auto_leaves_it_off(tmp_path
     assert done.returncode == 2 and "multi-objective" in done.stderr and "Traceback" not in done.stderr
     pareto = SearchConfig(objectives="val_accuracy,params")
     assert refit_fraction(pareto, 60, parse_objectives(pareto.objectives)) == 0
-    assert refit_fraction(SearchConfig(), 60, ["val_accuracy"]) == 0.5  # auto with a time budget
+    assert refit_fraction(SearchConfig(), 60, ["val_accuracy"]) == 0.8  # auto with a time budget
     assert refit_fraction(SearchConfig(), None, ["val_accuracy"]) == 0  # ... and without one
 
 

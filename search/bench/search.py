@@ -5,7 +5,8 @@
 
 Runs, one after the other on the same machine and data, each for the same wall-clock budget:
   search     the harness's default search (Optuna TPE + Hyperband over epochs, the default pruner of a
-             time-budgeted run; the space's defaults tried first; the last 50% of the budget refits the best);
+             time-budgeted run; the space's defaults tried first; the last 80% of the budget refits the best,
+             in a round that ends at half the budget and a warm restart from it);
   random     random search, no pruner, no default trial, no refit;
   baseline   the space's best hand-made baseline (search.space.baseline_trials), trained once;
   reference  a plain CNN a skilled Keras user would write without any search (REFERENCE below), trained once.
@@ -195,9 +196,10 @@ def run_search_arm(arm: str, args: argparse.Namespace) -> tuple[list, dict]:
              "complete": sum(t.state.name == "COMPLETE" for t in study.trials),
              "pruned": sum(t.state.name == "PRUNED" for t in study.trials)}
     refits = [t for t in study.trials if t.user_attrs.get("refit_of") is not None]
-    if refits:  # the refit phase's trial: which explored trial it retrained, how long
+    if refits:  # the refit phase's trials (one per round): which explored trial they retrained, how long
         facts.update(refit_trial=refits[-1].number, refit_of=refits[-1].user_attrs["refit_of"],
-                     refit_epochs=refits[-1].user_attrs.get("epochs"), refit_state=refits[-1].state.name)
+                     refit_epochs=[t.user_attrs.get("epochs") for t in refits],
+                     refit_state=[t.state.name for t in refits])
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     if complete:
         best = max(complete, key=lambda t: t.value)
