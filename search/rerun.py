@@ -41,6 +41,10 @@ def rerun(spec: str, storage: str | None = None, tracking_uri: str | None = None
     original = client.get_run(trial.user_attrs["mlflow_run_id"])
     invocation = client.get_run(original.data.tags["mlflow.parentRunId"])
     context, settings = original.data.params, invocation.data.params
+    from runners.device import configure_devices
+
+    # the precision the original trained in (bfloat16 and float32 round differently); float32 before it was logged
+    configure_devices(invocation.data.tags.get("search.mixed_precision", "False") != "False")
     with tempfile.TemporaryDirectory() as folder:
         space_file = client.download_artifacts(invocation.info.run_id, "space.yaml", folder)
         space = spaces.load_space(space_file, context["dataset"])

@@ -32,7 +32,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, help="seconds after which no new trial starts (default: the space's; 0 = no limit)")
     p.add_argument("--refit", default=d.refit, metavar="FRACTION|auto",
                    help="fraction of --timeout kept to retrain the best configuration for the rest of the budget "
-                        "(auto: 0.5 with a timeout and one objective, else 0; 0 = off)")
+                        "(auto: 0.8 with a timeout and one objective, else 0; 0 = off; a refit starting before half "
+                        "the timeout runs in two rounds, the second from the first's weights)")
     p.add_argument("--epochs", type=int, help="most epochs per trial (default: the space's)")
     p.add_argument("--subset", type=int, help="at most N images per split, stratified (0 = all; default: the space's)")
     p.add_argument("--image-size", type=int, help="input side in pixels, overriding the space")

@@ -81,7 +81,8 @@ def start_parent_run(client: MlflowClient, exp_id: str, study: str, settings: di
     host, pid = socket.gethostname(), os.getpid()
     run = client.create_run(exp_id, run_name=f"{study} {host}:{pid}", tags={
         ROLE: "invocation", "optuna.study": study, "search.host": host, "search.pid": str(pid),
-        "search.git_commit": str(environment.get("git_commit")), "search.device": environment.get("device", "")})
+        "search.git_commit": str(environment.get("git_commit")), "search.device": environment.get("device", ""),
+        "search.mixed_precision": str(environment.get("mixed_precision", False))})
     run_id = run.info.run_id
     client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in settings.items()])
     log_text(client, run_id, space_text, "space.yaml")
