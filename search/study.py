@@ -524,16 +524,15 @@ def refit_best(setup: Setup, parent: str, objective, remaining: float, elapsed: 
     if refit_plan(best, remaining) is None:
         log.info(f"refit: skipped, trial {best.number} recorded no epoch timings")
         return
-    deadline = time.monotonic() + remaining
+    started = time.monotonic()
     rounds = refit_rounds(best, setup.timeout, elapsed, remaining)
     previous = None
-    for index, seconds in enumerate(rounds, start=1):
-        if index > 1:  # what the first round left, as it actually ran
-            seconds = deadline - time.monotonic()
-            if previous is None or seconds <= 0 or refit_plan(best, seconds)[1] > seconds:
-                log.info("refit: no second round, " + ("the first did not complete" if previous is None
-                                                         else "too little time left for it"))
-                return
+    for index in range(1, len(rounds) + 1):
+        seconds = started + sum(rounds[:index]) - time.monotonic()  # to this round's end, as earlier ones ran
+        if index > 1 and (previous is None or seconds <= 0 or refit_plan(best, seconds)[1] > seconds):
+            log.info("refit: no second round, " + ("the first did not complete" if previous is None
+                                                     else "too little time left for it"))
+            return
         epochs, planned = refit_plan(best, seconds)
         label = f"round {index} of {len(rounds)}: " if len(rounds) > 1 else ""
         start = f", starting from trial {previous.number}'s weights" if index > 1 else ""
