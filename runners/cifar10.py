@@ -7,7 +7,6 @@ then the official archive is downloaded into Keras's cache with its MD5 checked.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import tarfile
@@ -15,6 +14,8 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+
+from runners.datasets import file_digest
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -79,20 +80,11 @@ def download_archive(dest: Path) -> Path:
             while chunk := response.read(1 << 20):
                 out.write(chunk)
                 bar.update(len(chunk))
-    if md5_of(partial) != MD5:
+    if file_digest(partial, "md5") != MD5:
         partial.unlink()
         raise OSError(f"checksum mismatch for {URL}: the download is damaged, try again")
     partial.rename(dest)
     return dest
-
-
-def md5_of(path: Path) -> str:
-    """MD5 of a file, read in chunks."""
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def extract(archive: Path, target: Path) -> Path:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runners.datasets import Dataset
+from runners.datasets import Dataset, file_digest
 
 log = logging.getLogger("search")
 SPLITS = ("train", "val", "test")
@@ -61,15 +61,6 @@ def cache_key(backbone: str, weights_sha256: str, image_size: int, data: Dataset
     """Changes when the backbone, its weights, the input size or the images change."""
     text = f"v{FORMAT}|{backbone}|{weights_sha256}|{image_size}|{data_fingerprint(data)}"
     return hashlib.sha256(text.encode()).hexdigest()[:20]
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def cached_features(workdir: str | Path, key: str, data: Dataset, embed) -> FeatureSet:
@@ -114,7 +105,7 @@ def file_problem(path: Path, entry: dict, rows: int) -> str | None:
         return f"has {entry['shape'][0]} rows for {rows} images"
     if path.stat().st_size != entry["bytes"]:
         return f"has {path.stat().st_size} bytes, the manifest says {entry['bytes']}"
-    if file_sha256(path) != entry["sha256"]:
+    if file_digest(path) != entry["sha256"]:
         return "does not match its checksum"
     if list(np.load(path, mmap_mode="r").shape) != entry["shape"]:
         return "has the wrong shape"
@@ -134,7 +125,7 @@ def build(folder: Path, key: str, data: Dataset, labels: dict, embed) -> Feature
             values = np.ascontiguousarray(values, dtype=np.float32)
             np.save(folder / name, values)
             files[name] = {"split": split, "pooling": pooling, "shape": list(values.shape),
-                           "bytes": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
+                           "bytes": (folder / name).stat().st_size, "sha256": file_digest(folder / name)}
             arrays[(split, pooling)] = values
     seconds = time.perf_counter() - started
     images = sum(len(v) for v in labels.values())

@@ -43,7 +43,6 @@ serves both variants.
 from __future__ import annotations
 
 import collections
-import hashlib
 import os
 import pickle
 import struct
@@ -52,6 +51,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from runners.datasets import file_digest
 
 # --------------------------------------------------------------------------
 # Torch-free reader for PyTorch's legacy (pre-zip) serialisation.
@@ -442,15 +443,6 @@ def lite0_pth_path() -> Path:
     return path
 
 
-def _sha256_prefix(path, chars=12) -> str:
-    """Short content hash, so a changed .pth never reuses a stale conversion."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:chars]
-
-
 def _weights_name(sha12: str) -> str:
     """Cache file name; the .pth hash in it ties a conversion to its exact source."""
     return f"efficientnet_lite0_imagenet_{sha12}.weights.h5"
@@ -469,7 +461,7 @@ def lite0_weights_file(cache_dir=None) -> Path:
             f"EfficientNet-Lite0 ImageNet weights not found: {_PACKAGE_HINT} "
             f"or place the converted file at {placed}"
         ) from None
-    target = models_dir / _weights_name(_sha256_prefix(pth))
+    target = models_dir / _weights_name(file_digest(pth)[:12])
     if not target.exists():
         _convert(pth, target)
     return target

@@ -37,7 +37,7 @@ import numpy as np
 from keras import layers
 
 from runners import features, train
-from runners.datasets import Dataset
+from runners.datasets import Dataset, file_digest
 from runners.pipeline import evaluation_batches, one_hot, training_batches
 from runners.train import ArchitectureError, EpochClock, TrialResult, make_loss, make_optimizer, result_of
 from search.errors import ConfigError
@@ -167,7 +167,7 @@ def weights_sha256(path: Path) -> str:
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _SHA256:
-        _SHA256[key] = features.file_sha256(path)
+        _SHA256[key] = file_digest(path)
     return _SHA256[key]
 
 
