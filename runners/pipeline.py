@@ -7,10 +7,26 @@ memory-mapped caches without loading the whole set.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import tensorflow as tf
 
 from runners.augment import augment_batch, build_recipe
+
+# tf.data's autotuner makes deleting an iterator wait for its optimisation thread, whose sleep grows towards a
+# minute; Keras deletes the training and validation iterators every epoch, so every other epoch stalled for
+# 20-40 s with both cores idle (seen in gdb: the main thread in ~RootDataset::Iterator). Fixed settings
+# instead: one map call per core, a few batches prefetched.
+PARALLEL_CALLS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+PREFETCH_BATCHES = 4
+
+
+def without_autotune(batches: tf.data.Dataset) -> tf.data.Dataset:
+    """The dataset with tf.data's autotuner off, so that finishing an epoch does not wait for it."""
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return batches.with_options(options)
 
 
 class EpochOrder:
@@ -40,9 +56,9 @@ def training_batches(x: np.ndarray, y: np.ndarray, n_classes: int, batch_size: i
         return images, one_hot(y[index], n_classes)
 
     batches = indices.map(lambda i, s: as_batch(load, [i, s], image_size, n_classes),
-                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+                          num_parallel_calls=PARALLEL_CALLS, deterministic=True)
     steps = -(-len(y) // batch_size)  # a known length lets Keras show and check steps per epoch
-    return batches.apply(tf.data.experimental.assert_cardinality(steps)).prefetch(tf.data.AUTOTUNE)
+    return without_autotune(batches.apply(tf.data.experimental.assert_cardinality(steps)).prefetch(PREFETCH_BATCHES))
 
 
 def evaluation_batches(x: np.ndarray, y: np.ndarray, n_classes: int, batch_size: int,
@@ -54,8 +70,9 @@ def evaluation_batches(x: np.ndarray, y: np.ndarray, n_classes: int, batch_size:
         part = slice(int(start), int(start) + batch_size)
         return np.asarray(x[part], dtype=np.float32), one_hot(y[part], n_classes)
 
-    return starts.map(lambda s: as_batch(load, [s], image_size, n_classes),
-                      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
+    batches = starts.map(lambda s: as_batch(load, [s], image_size, n_classes),
+                         num_parallel_calls=PARALLEL_CALLS, deterministic=True)
+    return without_autotune(batches.prefetch(PREFETCH_BATCHES))
 
 
 def as_batch(load, args, image_size: int, n_classes: int):
