@@ -8,12 +8,18 @@ against 250 images/s); CPUs without those instructions would emulate it, slower,
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 import tensorflow as tf
 
 BF16_FLAGS = re.compile(r"\b(avx512_bf16|amx_bf16)\b")
+
+
+def cpu_count() -> int:
+    """Cores this process may use (its CPU affinity where the platform has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def cpu_has_bf16(cpuinfo: str | None = None) -> bool:

@@ -7,19 +7,18 @@ memory-mapped caches without loading the whole set.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import tensorflow as tf
 
 from runners.augment import augment_batch, build_recipe
+from runners.device import cpu_count
 
 # tf.data's autotuner makes deleting an iterator wait for its optimisation thread, whose sleep grows towards a
 # minute; Keras deletes the training and validation iterators every epoch, so epochs stalled for up to 45 s
 # with both cores idle (gdb: the main thread in ~RootDataset::Iterator). `search.bench pipeline` measured
 # 40.8 s against 28.1 s per epoch with and without it. Fixed settings instead: one map call per core, a few
 # batches prefetched.
-PARALLEL_CALLS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+PARALLEL_CALLS = cpu_count()
 PREFETCH_BATCHES = 4
 
 

@@ -30,9 +30,10 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
+from runners.device import cpu_count
 from runners.train import forward_flops
 from search.bench.overhead import matmul_gflops
-from search.bench.transfer import cpu_count, cpu_name, has_avx512
+from search.bench.transfer import cpu_name, has_avx512
 
 ARMS = ("search", "random", "baseline", "reference")
 DESCRIPTIONS = {"search": "harness default search (TPE + Hyperband, then refit)",

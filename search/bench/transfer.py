@@ -54,6 +54,7 @@ def main(argv: list[str]) -> int:
     args = parse(argv)
     from runners import transfer
     from runners.datasets import load_dataset
+    from runners.device import cpu_count
     from search import space as spaces
     from search.config import SearchConfig
     from search.study import parse_breeds, run_search
@@ -131,13 +132,6 @@ def cpu_name() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor()
-
-
-def cpu_count() -> int:
-    """Cores this process may use."""
-    import os
-
-    return len(os.sched_getaffinity(0))
 
 
 def has_avx512() -> bool:
