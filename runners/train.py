@@ -63,6 +63,26 @@ class EpochClock(keras.callbacks.Callback):
         logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
 
+class Deadline(keras.callbacks.Callback):
+    """Stops training after an epoch when one more epoch as long as it would end past `at` (Unix seconds).
+
+    A refit plans its epochs from the explored trial's speed; on a shared machine they can run 25% slower, and
+    without this a round planned to end with the budget ended ten minutes after it. The best epoch's weights
+    are still restored (early stopping's), only the schedule's last epochs are lost."""
+
+    def __init__(self, at: float):
+        super().__init__()
+        self.at, self.stopped_at_epoch = at, None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.monotonic()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if time.time() + (time.monotonic() - self.started) > self.at:
+            self.model.stop_training, self.stopped_at_epoch = True, epoch + 1
+            log.info(f"stopped after epoch {epoch + 1}: another would end past the time budget")
+
+
 class Progress(keras.callbacks.Callback):
     """Prints one line per epoch: trial n of N, epoch, accuracies, seconds, best so far."""
 

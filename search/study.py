@@ -455,7 +455,9 @@ def optimize(setup: Setup, parent: str, environment: dict, summary: SearchSummar
         log.info(f"stopped: {patience.reason}")
     elif summary.counted < setup.target:
         summary.stopped = "timeout"
-        budget = (f"exploration's {explore:.0f} s of the {setup.timeout:.0f} s budget" if setup.refit
+        # the share, not what was left of it: a resumed run may have had none left
+        budget = (f"exploration's {setup.timeout * (1 - setup.refit):.0f} s of the {setup.timeout:.0f} s budget"
+                  if setup.refit
                   else f"time budget of {setup.timeout:.0f} s")
         log.info(f"{budget} reached after {summary.counted} of {setup.target} trials; "
                  "run the same command again to continue (--timeout 0 for no limit)")
@@ -488,10 +490,15 @@ def refit_plan(best: optuna.trial.FrozenTrial, remaining: float) -> tuple[int, f
         per_epoch = best.user_attrs["train_seconds"] / ran
     if not per_epoch or not ran:
         return None
-    fixed = max(0.0, (best.user_attrs.get("trial_seconds") or 0.0) - (best.user_attrs.get("train_seconds") or 0.0))
+    fixed = setup_seconds(best)
     per_epoch *= REFIT_EPOCH_MARGIN  # so a slower stretch of a shared machine still ends inside the budget
     epochs = max(ran, int((remaining - fixed) // per_epoch))
     return epochs, fixed + epochs * per_epoch
+
+
+def setup_seconds(trial: optuna.trial.FrozenTrial) -> float:
+    """What a trial spent besides training: building its model and the test pass."""
+    return max(0.0, (trial.user_attrs.get("trial_seconds") or 0.0) - (trial.user_attrs.get("train_seconds") or 0.0))
 
 
 def refit_rounds(best: optuna.trial.FrozenTrial, timeout: float, elapsed: float, remaining: float) -> list[float]:
@@ -540,7 +547,9 @@ def refit_best(setup: Setup, parent: str, objective, remaining: float, elapsed: 
         tracking.set_tags(setup.client, parent, {"search.refit_of": best.number, "search.refit_epochs": epochs,
                                                  "search.refit_planned_seconds": round(planned),
                                                  "search.refit_rounds": len(rounds)})
-        attrs = {"source": "refit", "refit_of": best.number, "epochs": epochs, "refit_round": index}
+        # training stops at the round's end less the test pass, however slow its epochs turn out (Deadline)
+        attrs = {"source": "refit", "refit_of": best.number, "epochs": epochs, "refit_round": index,
+                 "deadline": time.time() + seconds - setup_seconds(best)}
         if previous is not None:
             attrs.update(continues=previous.number, epochs_before=previous.user_attrs.get("epochs_run", 0)
                          + previous.user_attrs.get("epochs_before", 0))
@@ -658,9 +667,12 @@ def make_objective(setup: Setup, parent: str, environment: dict, summary: Search
             logger = tracking.EpochLogger(client, run_id)
             started = time.perf_counter()
             prunable = len(study.directions) == 1 and refit_of is None
+            # a refit round resumed in a later run keeps no deadline: its budget was the earlier run's
+            deadline = trial.user_attrs.get("deadline") if not resumed else None
             result = runner_module.train_and_evaluate(
                 params, data, epochs=epochs, patience=patience, seed=seed, recipes=space.recipes,
-                callbacks=[logger, progress] + ([KerasPruningCallback(trial, "val_accuracy")] if prunable else []),
+                callbacks=([runner.Deadline(deadline)] if deadline else []) + [logger, progress]
+                + ([KerasPruningCallback(trial, "val_accuracy")] if prunable else []),
                 options={**runner_options(setup), "initial_weights": start_weights(setup, trial)}, checkpoint=folder)
             trial_seconds = time.perf_counter() - started
         except ArchitectureError as err:

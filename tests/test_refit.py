@@ -4,6 +4,7 @@ warm restart from its weights)."""
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import optuna
@@ -43,8 +44,12 @@ def test_a_timed_search_ends_by_retraining_its_best_configuration_for_longer(cif
     client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
     refit_run = client.get_run(refit.user_attrs["mlflow_run_id"])
     assert refit_run.data.tags["search.refit"] == "true" and refit_run.data.tags["search.refit_of"] == str(best.number)
-    # early stopping's patience is the refit's epochs: its schedule runs to the end
-    assert len(client.get_metric_history(refit_run.info.run_id, "val_accuracy")) == refit.user_attrs["epochs"]
+    # early stopping's patience is the refit's epochs: its schedule runs to the end (unless the budget ends first)
+    epochs_logged = len(client.get_metric_history(refit_run.info.run_id, "val_accuracy"))
+    assert epochs_logged == refit.user_attrs["epochs"] or "past the time budget" in done.stdout
+    # and its training must stop by the end of the 20 s budget, which began before the first trial
+    first_start = min(t.datetime_start for t in study.trials).timestamp()
+    assert first_start < refit.user_attrs["deadline"] <= first_start + 20
     parent = client.get_run(refit_run.data.tags["mlflow.parentRunId"])
     assert parent.data.tags["search.refit_of"] == str(best.number)
 
@@ -95,6 +100,24 @@ def test_a_second_round_starts_from_the_first_rounds_weights(cifar_dir, tmp_path
     before = first.model.predict(x_val, verbose=0)
     np.testing.assert_allclose(resumed.model.predict(x_val, verbose=0), before, atol=1e-4)
     assert np.abs(fresh.model.predict(x_val, verbose=0) - before).max() > 0.05
+
+
+def test_training_stops_after_the_epoch_that_reaches_its_deadline(cifar_dir, tmp_path):
+    from runners import scratch_cnn
+    from runners.datasets import load_dataset
+    from runners.train import Deadline
+    from search import space as spaces
+
+    space = spaces.load_space(str(write_space(tmp_path, TINY_SPACE)))
+    data = load_dataset("cifar10", data_dir=str(cifar_dir), image_size=32, subset=300)
+    run = dict(epochs=3, patience=3, seed=0, recipes=space.recipes, evaluate_test=False)
+
+    passed, far = Deadline(time.time()), Deadline(time.time() + 3600)
+    stopped = scratch_cnn.train_and_evaluate(spaces.default_params(space), data, callbacks=[passed], **run)
+    finished = scratch_cnn.train_and_evaluate(spaces.default_params(space), data, callbacks=[far], **run)
+
+    assert stopped.epochs_run == 1 and passed.stopped_at_epoch == 1
+    assert finished.epochs_run == 3 and far.stopped_at_epoch is None
 
 
 def test_the_refit_rounds_end_the_first_at_half_the_budget_when_the_refit_starts_before_it():

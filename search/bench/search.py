@@ -11,7 +11,7 @@ Runs, one after the other on the same machine and data, each for the same wall-c
   baseline   the space's best hand-made baseline (search.space.baseline_trials), trained once;
   reference  a plain CNN a skilled Keras user would write without any search (REFERENCE below), trained once.
 A single training's epoch count comes from a timed first epoch, so its learning-rate schedule spans the
-budget. Each arm's curve (elapsed seconds, best validation accuracy so far, test accuracy of that model)
+budget; if its epochs slow down it stops at the budget's end (runners.train.Deadline), as the search's refit does. Each arm's curve (elapsed seconds, best validation accuracy so far, test accuracy of that model)
 goes to <out>/<arm>.csv, its facts (machine rate before it, training rate) to <out>/<arm>.json. The table
 and the plot <out>/search_benchmark.png are drawn from every arm saved under --out, so a long benchmark
 can be run one arm at a time. Models are chosen by validation accuracy only; test accuracy is reported.
@@ -244,7 +244,7 @@ def run_single_arm(arm: str, args: argparse.Namespace) -> tuple[list, dict]:
     """One configuration trained once for the budget: a timed first epoch sets the epoch count."""
     from runners import scratch_cnn
     from runners.datasets import load_dataset
-    from runners.train import release
+    from runners.train import Deadline, release
     from search import space as spaces
 
     space = spaces.load_space("scratch_cnn", args.dataset)
@@ -256,9 +256,10 @@ def run_single_arm(arm: str, args: argparse.Namespace) -> tuple[list, dict]:
                "data_dir": args.data_dir}
     tracker = best_so_far(arm, data, params, time.perf_counter(), args.budget)
 
-    def train(epochs: int):
+    def train(epochs: int, deadline: float | None = None):
+        stop = [Deadline(deadline)] if deadline else []  # after the tracker: its test passes count in an epoch
         return scratch_cnn.train_and_evaluate(params, data, epochs=epochs, patience=epochs, seed=0,
-                                              recipes=space.recipes, callbacks=[tracker], evaluate_test=False,
+                                              recipes=space.recipes, callbacks=[tracker] + stop, evaluate_test=False,
                                               options=options)
 
     tracker.epochs = 1
@@ -272,7 +273,7 @@ def run_single_arm(arm: str, args: argparse.Namespace) -> tuple[list, dict]:
           f"{setup_seconds:.1f} s building): training {epochs} epochs in the remaining {max(remaining, 0):.0f} s",
           flush=True)
     tracker.epochs, tracker.test_seconds = epochs, 0.0
-    result = train(epochs)
+    result = train(epochs, deadline=time.time() + args.budget - (time.perf_counter() - tracker.started))
     facts = {"configuration": name, "params": params, "epochs": epochs, "first_epoch_seconds": epoch_seconds,
              "param_count": result.param_count}
     facts.update(training_rate(data.sizes(), result.epochs_run, result.fit_seconds - tracker.test_seconds,
