@@ -13,8 +13,9 @@ Runs, one after the other on the same machine and data, each for the same wall-c
 A single training's epoch count comes from a timed first epoch, so its learning-rate schedule spans the
 budget; if its epochs slow down it stops at the budget's end (runners.train.Deadline), as the search's refit
 does. Each arm's curve (elapsed seconds, best validation accuracy so far, test accuracy of that model) goes
-to <out>/<arm>.csv, its facts (machine rate before it, training rate) to <out>/<arm>.json. The table and the plot <out>/search_benchmark.png are drawn from every arm saved under --out, so a long benchmark
-can be run one arm at a time. Models are chosen by validation accuracy only; test accuracy is reported.
+to <out>/<arm>.csv, its facts (machine rate before it, training rate) to <out>/<arm>.json. The table and the
+plot <out>/search_benchmark.png are drawn from every arm saved under --out, so a long benchmark can be run one
+arm at a time. Models are chosen by validation accuracy only; test accuracy is reported.
 """
 from __future__ import annotations
 
