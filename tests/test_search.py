@@ -1,4 +1,6 @@
 """The core loop on real CIFAR-10: Optuna trials train real Keras CNNs and every trial lands in MLflow."""
+from pathlib import Path
+
 import mlflow
 import optuna
 import pytest
@@ -20,18 +22,37 @@ def trial_runs(study_name, workdir):
         [r for r in runs if r.data.tags.get("search.role") == "invocation"]
 
 
-@pytest.fixture
-def short_study(cifar_dir, workdir, tiny_space):
-    config = SearchConfig(space=str(tiny_space), data_dir=str(cifar_dir), trials=3, sampler="random")
+def three_trials(cifar_dir, folder):
+    """Three random trials of the tiny space, run from `folder` (stores in folder/mlruns)."""
+    config = SearchConfig(space=str(write_space(folder, TINY_SPACE)), data_dir=str(cifar_dir), trials=3,
+                          sampler="random")
     return config, run_search(config)
 
 
-def test_every_trial_trains_and_is_recorded_in_both_stores(short_study, workdir):
+@pytest.fixture(scope="module")
+def short_study(cifar_dir, tmp_path_factory):
+    """One 3-trial study that the read-only tests below share (each run costs about 15 s)."""
+    folder = tmp_path_factory.mktemp("short-study")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        patch.setenv("KERAS_HOME", str(folder / "keras_home"))
+        return three_trials(cifar_dir, folder)
+
+
+@pytest.fixture
+def study_store(short_study, monkeypatch):
+    """The shared study's stores (its mlruns folder), with cwd where they are the default ones."""
+    folder = Path(short_study[0].space).parent
+    monkeypatch.chdir(folder)
+    return folder / "mlruns"
+
+
+def test_every_trial_trains_and_is_recorded_in_both_stores(short_study, study_store):
     config, summary = short_study
-    study = optuna.load_study(study_name="tiny-cifar10", storage=f"sqlite:///{workdir}/optuna.db")
+    study = optuna.load_study(study_name="tiny-cifar10", storage=f"sqlite:///{study_store}/optuna.db")
     counted = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(counted) == 3
-    client, trials, parents = trial_runs("tiny-cifar10", workdir)
+    client, trials, parents = trial_runs("tiny-cifar10", study_store)
     assert len(parents) == 1 and len(trials) == len(study.trials)
     for t in study.trials:
         run = client.get_run(t.user_attrs["mlflow_run_id"])
@@ -42,8 +63,8 @@ def test_every_trial_trains_and_is_recorded_in_both_stores(short_study, workdir)
             assert run.data.params[name] == str(value)
 
 
-def test_a_completed_trial_run_has_per_epoch_metrics_test_accuracy_and_costs(short_study, workdir):
-    client, trials, _ = trial_runs("tiny-cifar10", workdir)
+def test_a_completed_trial_run_has_per_epoch_metrics_test_accuracy_and_costs(study_store):
+    client, trials, _ = trial_runs("tiny-cifar10", study_store)
     run = next(r for r in trials if r.data.tags["search.state"] == "COMPLETE")
     for metric in ("loss", "accuracy", "val_loss", "val_accuracy", "val_top3_accuracy", "learning_rate",
                    "epoch_seconds"):
@@ -56,8 +77,8 @@ def test_a_completed_trial_run_has_per_epoch_metrics_test_accuracy_and_costs(sho
     assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"cifar10"}
 
 
-def test_the_parent_run_holds_the_space_environment_and_best(short_study, workdir):
-    client, _, parents = trial_runs("tiny-cifar10", workdir)
+def test_the_parent_run_holds_the_space_environment_and_best(study_store):
+    client, _, parents = trial_runs("tiny-cifar10", study_store)
     parent = parents[0]
     files = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"space.yaml", "environment.json", "space_resolved.json"} <= files
@@ -67,16 +88,16 @@ def test_the_parent_run_holds_the_space_environment_and_best(short_study, workdi
     assert env["device"] == "CPU" and "tensorflow" in str(env["packages"])
 
 
-def test_the_best_trials_model_is_logged_as_a_keras_model(short_study, workdir):
+def test_the_best_trials_model_is_logged_as_a_keras_model(short_study, study_store):
     config, summary = short_study
-    client, trials, _ = trial_runs("tiny-cifar10", workdir)
+    client, trials, _ = trial_runs("tiny-cifar10", study_store)
     best = next(r for r in trials if r.data.tags["optuna.trial_number"] == str(summary.best_trial))
     with fluent_api(client.tracking_uri):
         model = mlflow.keras.load_model(best.data.tags["search.model_uri"])
     assert model.output_shape == (None, 10)
 
 
-def test_the_leaderboard_puts_the_best_completed_trial_first(short_study):
+def test_the_leaderboard_puts_the_best_completed_trial_first(short_study, study_store):
     config, summary = short_study
     table = leaderboard(["tiny-cifar10"])
     assert len(table) >= 3
@@ -85,8 +106,8 @@ def test_the_leaderboard_puts_the_best_completed_trial_first(short_study):
     assert complete == sorted(complete, reverse=True)
 
 
-def test_running_again_resumes_and_adds_only_up_to_the_new_target(short_study, workdir):
-    config, _ = short_study
+def test_running_again_resumes_and_adds_only_up_to_the_new_target(cifar_dir, workdir):
+    config, _ = three_trials(cifar_dir, workdir.parent)  # its own study: this test adds to it
     again = run_search(config)  # same target: nothing to add
     assert again.trials_run == 0
     config.trials = 4
