@@ -230,6 +230,15 @@ def interrupts_at_batch_end():
     stop.check()
 
 
+def fit_callbacks(params: dict, patience: int) -> list:
+    """Epoch timing, NaN stop, early stopping on val_accuracy (best weights restored), plateau LR if asked."""
+    chosen = [EpochClock(), keras.callbacks.TerminateOnNaN(),
+              keras.callbacks.EarlyStopping("val_accuracy", patience=patience, mode="max", restore_best_weights=True)]
+    if params.get("lr_schedule") == "plateau":
+        chosen.append(keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=1))
+    return chosen
+
+
 def fit_resumable(model: keras.Model, training, validation, *, epochs: int, own_callbacks: list,
                   callbacks: list, checkpoint=None, **fit_args) -> tuple[dict, float, int]:
     """model.fit from the checkpoint's last finished epoch (when there is one), saving one after every epoch.
@@ -245,10 +254,13 @@ def fit_resumable(model: keras.Model, training, validation, *, epochs: int, own_
     stateful = [c for c in own_callbacks
                 if isinstance(c, (keras.callbacks.EarlyStopping, keras.callbacks.ReduceLROnPlateau))]
     saver = [EpochCheckpoint(checkpoint, stateful)] if checkpoint else []
+    # a caller's deadline stops the fit as early stopping does: before the checkpoint, which records the stop
+    deadlines = [c for c in callbacks if isinstance(c, Deadline)]
+    others = [c for c in callbacks if not isinstance(c, Deadline)]
     started = time.perf_counter()
     with interrupts_at_batch_end() as stop:
         fit = model.fit(training(first), validation_data=validation, initial_epoch=first, epochs=last, verbose=0,
-                        callbacks=[stop] + list(own_callbacks) + saver + list(callbacks), **fit_args)
+                        callbacks=[stop, *own_callbacks, *deadlines, *saver, *others], **fit_args)
     restored = state["history"] if state else {}
     seconds = time.perf_counter() - started + sum(restored.get("epoch_seconds", []))
     history = {k: list(restored.get(k, [])) + list(fit.history.get(k, [])) for k in {*restored, *fit.history}}
@@ -369,16 +381,11 @@ def train_and_evaluate(params: dict, data: Dataset, build_model, *, epochs: int,
                            keras.metrics.TopKCategoricalAccuracy(k=3, name="top3_accuracy")])
     recipe = recipes[params.get("augmentation", "none")]
     val = evaluation_batches(x_val, y_val, n_classes, evaluation_batch_size(size, batch), size)
-    keras_callbacks = [EpochClock(), keras.callbacks.TerminateOnNaN(),
-                       keras.callbacks.EarlyStopping("val_accuracy", patience=patience, mode="max",
-                                                     restore_best_weights=True)]
-    if params.get("lr_schedule") == "plateau":
-        keras_callbacks.append(keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=1))
     history, fit_seconds, first = fit_resumable(
         model, lambda first_epoch: training_batches(x_train, y_train, n_classes, batch, recipe, size, seed,
                                                     first_epoch=first_epoch),
-        val, epochs=epochs, own_callbacks=keras_callbacks, callbacks=list(callbacks or []), checkpoint=checkpoint,
-        shuffle=False)
+        val, epochs=epochs, own_callbacks=fit_callbacks(params, patience), callbacks=list(callbacks or []),
+        checkpoint=checkpoint, shuffle=False)
     result = result_of(history, fit_seconds, model)
     result.resumed_from_epoch = first
     if evaluate_test:

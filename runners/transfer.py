@@ -39,7 +39,7 @@ from keras import layers
 from runners import features, train
 from runners.datasets import Dataset, file_digest
 from runners.pipeline import evaluation_batches, one_hot, training_batches
-from runners.train import ArchitectureError, EpochClock, TrialResult, make_loss, make_optimizer, result_of
+from runners.train import ArchitectureError, TrialResult, fit_callbacks, make_loss, make_optimizer, result_of
 from search.errors import ConfigError
 
 log = logging.getLogger("search")
@@ -485,15 +485,6 @@ def compile_model(model: keras.Model, params: dict, steps: int, epochs: int) -> 
     model.compile(optimizer=make_optimizer(params, steps, epochs), loss=make_loss(params),
                   metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"),
                            keras.metrics.TopKCategoricalAccuracy(k=3, name="top3_accuracy")])
-
-
-def fit_callbacks(params: dict, patience: int) -> list:
-    """Epoch timing, NaN stop, early stopping on val_accuracy (best weights restored), plateau LR if asked."""
-    chosen = [EpochClock(), keras.callbacks.TerminateOnNaN(),
-              keras.callbacks.EarlyStopping("val_accuracy", patience=patience, mode="max", restore_best_weights=True)]
-    if params.get("lr_schedule") == "plateau":
-        chosen.append(keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=1))
-    return chosen
 
 
 def test_metrics(probabilities: np.ndarray, y: np.ndarray, n_classes: int, params: dict, seconds: float) -> dict:

@@ -27,7 +27,7 @@ def command(*args, cwd):
 
 def test_a_timed_search_ends_by_retraining_its_best_configuration_for_longer(cifar_dir, workdir, tiny_space):
     done = command("search.run", "--space", str(tiny_space), "--data-dir", str(cifar_dir), "--trials", "100",
-                   "--timeout", "20", "--refit", "0.5", "--sampler", "random", cwd=workdir.parent)
+                   "--timeout", "40", "--refit", "0.5", "--sampler", "random", cwd=workdir.parent)
     assert done.returncode == 0, done.stderr
 
     study = optuna.load_study(study_name="tiny-cifar10", storage=f"sqlite:///{workdir}/optuna.db")
@@ -48,9 +48,9 @@ def test_a_timed_search_ends_by_retraining_its_best_configuration_for_longer(cif
     epochs_logged = len(client.get_metric_history(refit_run.info.run_id, "val_accuracy"))
     assert epochs_logged == refit.user_attrs["epochs"] or (
         f"stopped after epoch {epochs_logged}: another would end past the time budget" in done.stdout)
-    # and its training must stop by the end of the 20 s budget, which began before the first trial
+    # and its training must stop by the end of the 40 s budget, which began before the first trial
     first_start = min(t.datetime_start for t in study.trials).timestamp()
-    assert first_start < refit.user_attrs["deadline"] <= first_start + 20
+    assert first_start < refit.user_attrs["deadline"] <= first_start + 40
     parent = client.get_run(refit_run.data.tags["mlflow.parentRunId"])
     assert parent.data.tags["search.refit_of"] == str(best.number)
 
@@ -63,7 +63,7 @@ def test_a_timed_search_ends_by_retraining_its_best_configuration_for_longer(cif
 def test_a_refit_starting_before_half_the_budget_finishes_a_round_there_then_warm_restarts(cifar_dir, workdir,
                                                                                           tiny_space):
     done = command("search.run", "--space", str(tiny_space), "--data-dir", str(cifar_dir), "--trials", "100",
-                   "--timeout", "40", "--refit", "0.75", "--sampler", "random", cwd=workdir.parent)
+                   "--timeout", "60", "--refit", "0.9", "--sampler", "random", cwd=workdir.parent)
     assert done.returncode == 0, done.stderr
 
     study = optuna.load_study(study_name="tiny-cifar10", storage=f"sqlite:///{workdir}/optuna.db")
@@ -75,9 +75,9 @@ def test_a_refit_starting_before_half_the_budget_finishes_a_round_there_then_war
     assert second.user_attrs["epochs_before"] == first.user_attrs["epochs_run"]
     assert f"round 2 of 2: trial {first.user_attrs['refit_of']}'s configuration" in done.stdout
     assert f"starting from trial {first.number}'s weights" in done.stdout
-    # the first round ended by half the budget: a finished model exists at 20 of the 40 s
+    # the first round ended by half the budget: a finished model exists at 30 of the 60 s
     started = min(t.datetime_start for t in study.trials)
-    assert (first.datetime_complete - started).total_seconds() <= 20 + 3
+    assert (first.datetime_complete - started).total_seconds() <= 30 + 3
 
 
 def test_a_second_round_starts_from_the_first_rounds_weights(cifar_dir, tmp_path):
@@ -106,7 +106,7 @@ def test_a_second_round_starts_from_the_first_rounds_weights(cifar_dir, tmp_path
 def test_training_stops_after_the_epoch_that_reaches_its_deadline(cifar_dir, tmp_path):
     from runners import scratch_cnn
     from runners.datasets import load_dataset
-    from runners.train import Deadline
+    from runners.train import Deadline, checkpoint_state
     from search import space as spaces
 
     space = spaces.load_space(str(write_space(tmp_path, TINY_SPACE)))
@@ -114,11 +114,14 @@ def test_training_stops_after_the_epoch_that_reaches_its_deadline(cifar_dir, tmp
     run = dict(epochs=3, patience=3, seed=0, recipes=space.recipes, evaluate_test=False)
 
     passed, far = Deadline(time.time()), Deadline(time.time() + 3600)
-    stopped = scratch_cnn.train_and_evaluate(spaces.default_params(space), data, callbacks=[passed], **run)
+    stopped = scratch_cnn.train_and_evaluate(spaces.default_params(space), data, callbacks=[passed],
+                                             checkpoint=tmp_path / "checkpoint", **run)
     finished = scratch_cnn.train_and_evaluate(spaces.default_params(space), data, callbacks=[far], **run)
 
     assert stopped.epochs_run == 1 and passed.stopped_at_epoch == 1
     assert finished.epochs_run == 3 and far.stopped_at_epoch is None
+    # the checkpoint knows the fit stopped: a process resuming it (killed during the test pass) trains no further
+    assert checkpoint_state(tmp_path / "checkpoint")["stopped"] is True
 
 
 def test_the_refit_rounds_end_the_first_at_half_the_budget_when_the_refit_starts_before_it():
@@ -138,14 +141,15 @@ def test_a_process_restarted_for_memory_keeps_the_time_budget_and_still_refits(c
 
     started = time.monotonic()
     done = command("search.run", "--space", str(tiny_space), "--data-dir", str(cifar_dir), "--trials", "1000",
-                   "--timeout", "30", "--refit", "0.5", "--max-memory-growth", "0.001", cwd=workdir.parent)
+                   "--timeout", "60", "--refit", "0.75", "--max-memory-growth", "0.001", cwd=workdir.parent)
     elapsed = time.monotonic() - started
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("restarting with a fresh process") >= 1
     # a restarted process that began the budget anew would explore, grow and restart until --trials ran out
-    assert elapsed < 90, f"{elapsed:.0f} s for a 30 s budget"
+    # (a restart costs seconds of imports and loading, more on a busy machine: the refit needs the 45 s left)
+    assert elapsed < 150, f"{elapsed:.0f} s for a 60 s budget"
     study = optuna.load_study(study_name="tiny-cifar10", storage=f"sqlite:///{workdir}/optuna.db")
-    assert len([t for t in study.trials if t.user_attrs.get("source") == "refit"]) == 1
+    assert [t.state for t in study.trials if t.user_attrs.get("source") == "refit"][:1] == [TrialState.COMPLETE]
 
 
 def test_a_refit_fraction_above_0_9_exits_2_with_a_message(tmp_path):
