@@ -47,6 +47,7 @@ def test_an_unknown_study_in_results_exits_2_and_lists_known_ones(tmp_path):
     assert done.returncode == 2 and "no study named 'nope'" in done.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_kills_the_running_trial_and_the_same_command_resumes(tmp_path, cifar_dir):
     space = write_space(tmp_path, TINY_SPACE.replace("epochs: 1", "epochs: 30").replace("patience: 1", "patience: 30"))
     args = ["search.run", "--space", str(space), "--data-dir", str(cifar_dir), "--trials", "1"]

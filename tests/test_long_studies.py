@@ -32,6 +32,7 @@ def test_rerun_reproduces_a_trials_validation_accuracy(cifar_dir, workdir, tmp_p
     assert client.get_run(again["run_id"]).data.tags["search.rerun_of"] == "tiny-cifar10:0"
 
 
+@pytest.mark.slow
 def test_a_worker_over_its_memory_limit_restarts_and_the_study_completes(cifar_dir, tmp_path):
     import os
     import subprocess

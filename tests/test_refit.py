@@ -25,6 +25,7 @@ def command(*args, cwd):
                           capture_output=True, text=True, timeout=240)
 
 
+@pytest.mark.slow
 def test_a_timed_search_ends_by_retraining_its_best_configuration_for_longer(cifar_dir, workdir, tiny_space):
     done = command("search.run", "--space", str(tiny_space), "--data-dir", str(cifar_dir), "--trials", "100",
                    "--timeout", "40", "--refit", "0.5", "--sampler", "random", cwd=workdir.parent)
@@ -60,6 +61,7 @@ def test_a_timed_search_ends_by_retraining_its_best_configuration_for_longer(cif
     assert int(parent.data.tags["search.best_trial"]) == (refit if refit.value > best.value else best).number
 
 
+@pytest.mark.slow
 def test_a_refit_starting_before_half_the_budget_finishes_a_round_there_then_warm_restarts(cifar_dir, workdir,
                                                                                           tiny_space):
     done = command("search.run", "--space", str(tiny_space), "--data-dir", str(cifar_dir), "--trials", "100",
