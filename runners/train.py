@@ -245,7 +245,7 @@ def fit_resumable(model: keras.Model, training, validation, *, epochs: int, own_
 
     `training(first_epoch)` makes the training data, so that its shuffling resumes at that epoch. The
     checkpoint goes after the runner's own callbacks (clock, early stopping: their epoch-end state is saved)
-    and before the caller's (logging, pruning). Returns the history of every epoch (restored ones first),
+    and a caller's Deadline (its stop is saved too), and before the caller's others (logging, pruning). Returns the history of every epoch (restored ones first),
     the seconds spent training (restored epochs' included) and the epoch it resumed from (0: a fresh start)."""
     state = checkpoint_state(checkpoint) if checkpoint else None
     first = state["epoch"] if state else 0
@@ -254,7 +254,6 @@ def fit_resumable(model: keras.Model, training, validation, *, epochs: int, own_
     stateful = [c for c in own_callbacks
                 if isinstance(c, (keras.callbacks.EarlyStopping, keras.callbacks.ReduceLROnPlateau))]
     saver = [EpochCheckpoint(checkpoint, stateful)] if checkpoint else []
-    # a caller's deadline stops the fit as early stopping does: before the checkpoint, which records the stop
     deadlines = [c for c in callbacks if isinstance(c, Deadline)]
     others = [c for c in callbacks if not isinstance(c, Deadline)]
     started = time.perf_counter()
