@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from optuna.importance import FanovaImportanceEvaluator
 
 from search.results import importances, pareto_front, to_text
 
@@ -50,23 +51,35 @@ def evaluation_file(client, run_id: str, name: str, folder: Path) -> Path | None
 SLICE_PARAMS = 6  # a slice panel per parameter: more than this makes a strip too wide to read
 
 
-def ranked_params(study) -> list[str]:
+class FanovaOnce(FanovaImportanceEvaluator):
+    """Optuna's fANOVA (seed 0) that keeps its answers: one report asks it the same question five times."""
+
+    def __init__(self):
+        super().__init__(seed=0)
+        self.answers: dict = {}
+
+    def evaluate(self, study, params=None, *, target=None) -> dict[str, float]:
+        """fANOVA importances of study's params, computed on the first call only (one study, one target)."""
+        key = tuple(params or ())
+        if key not in self.answers:
+            self.answers[key] = super().evaluate(study, params, target=target)
+        return self.answers[key]
+
+
+def ranked_params(study, evaluator: FanovaOnce) -> list[str]:
     """The study's parameters, most important first (empty with too few trials)."""
-    return importances(study)["param"].tolist()
+    return importances(study, evaluator)["param"].tolist()
 
 
-def optuna_plots(study, backend) -> dict:
+def optuna_plots(study, backend, evaluator: FanovaOnce) -> dict:
     """Optuna's plots of a study with one backend (plotly or matplotlib), leaving out what cannot be drawn yet."""
-    from optuna.importance import FanovaImportanceEvaluator
-
-    ranked = ranked_params(study)
+    ranked = ranked_params(study, evaluator)
     # with several objectives every plot but the front shows the first, validation accuracy
     on = {} if len(study.directions) == 1 else {"target": lambda t: t.values[0], "target_name": "val_accuracy"}
     draws = {
         "optimization_history": lambda: backend.plot_optimization_history(study, **on),
         "parallel_coordinate": lambda: backend.plot_parallel_coordinate(study, **on),
-        "param_importances": lambda: backend.plot_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0),
-                                                                    **on),
+        "param_importances": lambda: backend.plot_param_importances(study, evaluator=evaluator, **on),
         "slice": lambda: backend.plot_slice(study, params=ranked[:SLICE_PARAMS] or None, **on),
     }
     if len(ranked) >= 2:  # a contour of every pair would be unreadable: the two most important only
@@ -94,7 +107,7 @@ def figure_of(axes):
     return np.ravel(axes)[0].figure
 
 
-def write_pngs(study, client, table: pd.DataFrame, folder: Path) -> list[Path]:
+def write_pngs(study, client, table: pd.DataFrame, folder: Path, evaluator: FanovaOnce | None = None) -> list[Path]:
     """The report's pictures as PNG files in folder."""
     import matplotlib
 
@@ -107,7 +120,8 @@ def write_pngs(study, client, table: pd.DataFrame, folder: Path) -> list[Path]:
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its INFO notes about category axes are noise
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    figures = {name: figure_of(axes) for name, axes in optuna_plots(study, backend).items()} if study else {}
+    figures = ({name: figure_of(axes) for name, axes in optuna_plots(study, backend, evaluator or FanovaOnce()).items()}
+               if study else {})
     run_id = best_run_id(table)
     if run_id:
         curves = learning_curves(client, run_id)
@@ -150,12 +164,13 @@ def pareto_png(table: pd.DataFrame, front: pd.DataFrame):
 # ---------------------------------------------------------------- the HTML page (plotly)
 
 
-def plotly_sections(study, client, table: pd.DataFrame) -> list[tuple[str, object]]:
+def plotly_sections(study, client, table: pd.DataFrame, evaluator: FanovaOnce) -> list[tuple[str, object]]:
     """(title, plotly figure) for every interactive plot of the page."""
     import optuna.visualization as backend
     import plotly.express as px
 
-    sections = [(name.replace("_", " "), fig) for name, fig in optuna_plots(study, backend).items()] if study else []
+    sections = ([(name.replace("_", " "), fig) for name, fig in optuna_plots(study, backend, evaluator).items()]
+                if study else [])
     done = table[table["state"] == "COMPLETE"]
     if not done.empty:
         front = set(pareto_front(table)["trial"])
@@ -179,12 +194,14 @@ def embedded_png(path: Path | None) -> str:
     return f'<img alt="confusion matrix" src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}">'
 
 
-def write_report(name: str, study, client, folder: Path, table: pd.DataFrame) -> Path:
+def write_report(name: str, study, client, folder: Path, table: pd.DataFrame,
+                 evaluator: FanovaOnce | None = None) -> Path:
     """Write `<folder>/<study>.html`: leaderboard, front, importances, plots, best trial; returns its path."""
     import tempfile
 
     folder.mkdir(parents=True, exist_ok=True)
-    figures = plotly_sections(study, client, table)
+    evaluator = evaluator or FanovaOnce()
+    figures = plotly_sections(study, client, table, evaluator)
     plots = [f"<h2>{html.escape(title)}</h2>" + fig.to_html(full_html=False, include_plotlyjs=(i == 0))
              for i, (title, fig) in enumerate(figures)]
     run_id = best_run_id(table)
@@ -192,7 +209,7 @@ def write_report(name: str, study, client, folder: Path, table: pd.DataFrame) ->
         matrix = evaluation_file(client, run_id, "confusion_matrix.png", Path(scratch)) if run_id else None
         pairs = evaluation_file(client, run_id, "confused_pairs.csv", Path(scratch)) if run_id else None
         best = [embedded_png(matrix), to_text(pd.read_csv(pairs), "html") if pairs else ""]
-    found = importances(study) if study is not None else pd.DataFrame()
+    found = importances(study, evaluator) if study is not None else pd.DataFrame()
     body = [
         f"<h1>Study {html.escape(name)}</h1>",
         f"<p>{len(table)} trials, {int((table['state'] == 'COMPLETE').sum())} completed. Ranked by validation "
@@ -239,10 +256,11 @@ def log_study_report(client, experiment_id: str, name: str, study, table: pd.Dat
     from search.tracking import temp_artifact_dir
 
     run_id = study_run(client, experiment_id, name)
+    evaluator = FanovaOnce()  # the page and the PNGs show the same importances: compute them once
     with temp_artifact_dir() as scratch:
         out = Path(scratch) / "report"
-        page = write_report(name, study, client, folder or out, table)
-        write_pngs(study, client, table, out / "plots")
+        page = write_report(name, study, client, folder or out, table, evaluator)
+        write_pngs(study, client, table, out / "plots", evaluator)
         table.to_csv(out / "leaderboard.csv", index=False)
         if folder is not None:
             (out / "report.html").write_bytes(page.read_bytes())

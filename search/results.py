@@ -190,13 +190,13 @@ def pareto_front(table: pd.DataFrame, costs: tuple[str, ...] = PARETO_COSTS) -> 
     return side_by_side(front).reset_index(drop=True)
 
 
-def importances(study) -> pd.DataFrame:
-    """Optuna's parameter importances (fANOVA) for a study's completed trials; empty when too few."""
+def importances(study, evaluator=None) -> pd.DataFrame:
+    """Optuna's parameter importances (fANOVA unless told) for a study's completed trials; empty when too few."""
     import optuna
 
     try:
         found = optuna.importance.get_param_importances(
-            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0),
+            study, evaluator=evaluator or optuna.importance.FanovaImportanceEvaluator(seed=0),
             target=None if len(study.directions) == 1 else (lambda t: t.values[0]))
     except (RuntimeError, ValueError):  # fewer than two completed trials, or no parameter that varied
         found = {}

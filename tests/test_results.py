@@ -9,11 +9,13 @@ import optuna
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from optuna.importance import FanovaImportanceEvaluator
 from optuna.trial import TrialState
 
 from conftest import TINY_SPACE, write_space
 from search.config import SearchConfig
 from search.evaluation import evaluate_predictions, picture_classes, picture_counts, plot_confusion_matrix
+from search.report import log_study_report
 from search.results import FORMATS, leaderboard, main, pareto_front
 from search.study import run_search
 
@@ -152,6 +154,18 @@ def test_the_study_run_holds_the_report_and_its_plots(finished):
             "learning_curves.png", "pareto_front.png", "best_confusion_matrix.png"} <= plots
     files = {Path(a.path).name for a in client.list_artifacts(runs[0].info.run_id, "report")}
     assert {"report.html", "leaderboard.csv"} <= files
+
+
+def test_a_report_computes_the_importances_once(finished, tmp_path, monkeypatch):
+    computed = []  # the page's table, its ranking, and both backends' bar charts ask the same question
+    fanova = FanovaImportanceEvaluator.evaluate
+    monkeypatch.setattr(FanovaImportanceEvaluator, "evaluate",
+                        lambda self, *args, **kwargs: computed.append(1) or fanova(self, *args, **kwargs))
+    client = MlflowClient(finished.uri)
+    experiment = client.get_experiment_by_name(NAME)
+    log_study_report(client, experiment.experiment_id, NAME, finished.study, finished.table, tmp_path)
+    assert len(computed) == 1
+    assert "parameter importances (fANOVA)" in (tmp_path / f"{NAME}.html").read_text()
 
 
 def test_every_completed_trial_logs_its_test_errors_with_class_names(finished, tmp_path):
