@@ -106,14 +106,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from runners.datasets import load_dataset
+    from runners.device import configure_devices
     from search.bench.overhead import cpu_name, matmul_gflops
     from search.space import default_params, load_space
 
-    print(f"machine: {cpu_name()}, {matmul_gflops():.0f} GFLOP/s float32 matmul\n")
+    device = configure_devices()  # the precision a trial trains in here (bfloat16 where the CPU has it)
+    print(f"machine: {cpu_name()}, {matmul_gflops():.0f} GFLOP/s float32 matmul; "
+          f"training in {device['mixed_precision'] or 'float32'}\n")
     rated = [] if args.skip_rates else [("cifar10", 32, args.cifar_dir), ("stanford_dogs", 128, args.dogs_dir),
                                          ("stanford_dogs", 224, args.dogs_dir)]
     if rated:
-        print(f"{'data':<22} {'recipe':<15} {'pipeline img/s':>15} {'training img/s':>15} {'ratio':>7}")
+        print(f"{'data':<22} {'recipe':<22} {'pipeline img/s':>15} {'training img/s':>15} {'ratio':>7}")
     for dataset, size, data_dir in rated:
         space = load_space("scratch_cnn", dataset)
         params = {**default_params(space), "image_size": size}
@@ -121,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         consumed = training_rate(data, params, space.architectures)
         for recipe, steps in space.recipes.items():
             delivered = pipeline_rate(data, steps, params["batch_size"])
-            print(f"{dataset + f' {size}px':<22} {recipe:<15} {delivered:>15,.0f} {consumed:>15,.0f} "
+            print(f"{dataset + f' {size}px':<22} {recipe:<22} {delivered:>15,.0f} {consumed:>15,.0f} "
                   f"{delivered / consumed:>7.1f}")
     cifar = load_dataset("cifar10", data_dir=args.cifar_dir, image_size=32, subset=args.subset, workdir=args.workdir)
     space = load_space("scratch_cnn", "cifar10")
