@@ -245,8 +245,9 @@ def fit_resumable(model: keras.Model, training, validation, *, epochs: int, own_
 
     `training(first_epoch)` makes the training data, so that its shuffling resumes at that epoch. The
     checkpoint goes after the runner's own callbacks (clock, early stopping: their epoch-end state is saved)
-    and a caller's Deadline (its stop is saved too), and before the caller's others (logging, pruning). Returns the history of every epoch (restored ones first),
-    the seconds spent training (restored epochs' included) and the epoch it resumed from (0: a fresh start)."""
+    and a caller's Deadline (its stop is saved too), and before the caller's others (logging, pruning).
+    Returns the history of every epoch (restored ones first), the seconds spent training (restored epochs'
+    included) and the epoch it resumed from (0: a fresh start)."""
     state = checkpoint_state(checkpoint) if checkpoint else None
     first = state["epoch"] if state else 0
     # a checkpoint whose training had stopped early (killed during the test evaluation) trains no further

@@ -107,7 +107,7 @@ def figure_of(axes):
     return np.ravel(axes)[0].figure
 
 
-def write_pngs(study, client, table: pd.DataFrame, folder: Path, evaluator: FanovaOnce | None = None) -> list[Path]:
+def write_pngs(study, client, table: pd.DataFrame, folder: Path, evaluator: FanovaOnce) -> list[Path]:
     """The report's pictures as PNG files in folder."""
     import matplotlib
 
@@ -120,8 +120,7 @@ def write_pngs(study, client, table: pd.DataFrame, folder: Path, evaluator: Fano
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its INFO notes about category axes are noise
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    figures = ({name: figure_of(axes) for name, axes in optuna_plots(study, backend, evaluator or FanovaOnce()).items()}
-               if study else {})
+    figures = {name: figure_of(axes) for name, axes in optuna_plots(study, backend, evaluator).items()} if study else {}
     run_id = best_run_id(table)
     if run_id:
         curves = learning_curves(client, run_id)
