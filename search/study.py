@@ -13,10 +13,12 @@ import shutil
 import socket
 import time
 import warnings
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import optuna
 from optuna.trial import TrialState
 
@@ -111,6 +113,24 @@ def make_sampler(name: str, seed: int, space: spaces.Space, target: int) -> optu
     if name == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
     raise ConfigError(f"unknown sampler '{name}'; available: tpe, random, grid, cmaes")
+
+
+def sampler_seed(seed: int, trials_so_far: int, shared: bool) -> int:
+    """The sampler's seed for this process: --seed on a fresh study run by one process; otherwise one mixed
+    from it, the trials already in the study and this process, so a resumed, restarted or parallel worker
+    does not replay the suggestions (random ones, TPE's start-up ones) the study has already tried."""
+    if not trials_so_far and not shared:
+        return seed
+    parts = [seed, trials_so_far] + ([os.getpid(), zlib.crc32(socket.gethostname().encode())] if shared else [])
+    return int(np.random.SeedSequence(parts).generate_state(1)[0])
+
+
+def trials_in(storage, study_name: str) -> int:
+    """Trials the study already holds in a storage, 0 when it does not exist yet."""
+    try:
+        return storage.get_n_trials(storage.get_study_id_from_name(study_name))
+    except KeyError:
+        return 0
 
 
 def make_pruner(name: str, epochs: int, min_epochs: int = 1, factor: int = 3) -> optuna.pruners.BasePruner:
@@ -281,10 +301,13 @@ def _prepare(config: SearchConfig) -> Setup:
     setup_data = {}
     probe_data(config, dataset, space, subset, workdir, setup_data)
     storage = open_storage(storage_url)
+    # a server or journal store may be shared by workers on other hosts even when this one runs alone
+    shared = config.workers > 1 or not storage_url.startswith("sqlite:")
+    seed = sampler_seed(config.seed, trials_in(storage, study_name), shared)
     fidelity = space.fidelity
     study = optuna.create_study(study_name=study_name, storage=storage, load_if_exists=True,
                                 directions=[OBJECTIVES[name][0] for name in objectives],
-                                sampler=make_sampler(config.sampler, config.seed, space, target),
+                                sampler=make_sampler(config.sampler, seed, space, target),
                                 pruner=make_pruner(pruner_name(config, timeout, objectives), epochs,
                                                    fidelity.get("min_epochs", 1), fidelity.get("reduction_factor", 3)))
     if len(study.directions) != len(objectives):

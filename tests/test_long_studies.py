@@ -131,3 +131,12 @@ def test_a_killed_trial_resumes_from_its_last_epoch(cifar_dir, tmp_path):
     # the second process trained 2 epochs: 2 restored + 2 trained (a retrained epoch 1 would make it 6)
     assert run.data.metrics["epochs_resumed_from"] == 2 and run.data.metrics["epochs_run"] == 4
     assert not list((tmp_path / "mlruns" / "checkpoints" / "tiny-cifar10").iterdir())
+
+
+def test_a_resumed_study_does_not_replay_the_suggestions_it_already_tried(cifar_dir, workdir, tmp_path):
+    space = write_space(tmp_path, TINY_SPACE)
+    for total in (2, 4):  # the second command resumes the study, as a worker restarted for memory does
+        run_search(SearchConfig(space=str(space), data_dir=str(cifar_dir), trials=total, sampler="random"))
+    study = optuna.load_study(study_name="tiny-cifar10", storage=f"sqlite:///{workdir}/optuna.db")
+    first, resumed = [t.params for t in study.trials[:2]], [t.params for t in study.trials[2:]]
+    assert len(resumed) == 2 and all(params not in first for params in resumed)
