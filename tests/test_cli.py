@@ -52,8 +52,10 @@ def test_ctrl_c_kills_the_running_trial_and_the_same_command_resumes(tmp_path, c
     space = write_space(tmp_path, TINY_SPACE.replace("epochs: 1", "epochs: 30").replace("patience: 1", "patience: 30"))
     args = ["search.run", "--space", str(space), "--data-dir", str(cifar_dir), "--trials", "1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # as from a terminal: Ctrl-C at its default even if this pytest worker's SIGINT was left ignored
     proc = subprocess.Popen([sys.executable, "-m", *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 180
     for line in proc.stdout:  # wait until the first epoch has been trained and logged
         if "epoch 1/30" in line or time.time() > deadline:
@@ -95,10 +97,15 @@ def test_results_exports_every_format(tmp_path, cifar_dir, monkeypatch):
 def test_ctrl_c_during_training_waits_for_the_next_batch_end_then_interrupts():
     from runners.train import interrupts_at_batch_end
 
-    finished_write = False
-    with pytest.raises(KeyboardInterrupt):
-        with interrupts_at_batch_end():
-            os.kill(os.getpid(), signal.SIGINT)  # as if pressed during an epoch-end database write
-            time.sleep(0.1)  # Python runs signal handlers between bytecodes: the handler has run by now
-            finished_write = True
-    assert finished_write and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # start from Python's own Ctrl-C handler, as in a terminal (a pytest-xdist worker was seen with SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        finished_write = False
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts_at_batch_end():
+                os.kill(os.getpid(), signal.SIGINT)  # as if pressed during an epoch-end database write
+                time.sleep(0.1)  # Python runs signal handlers between bytecodes: the handler has run by now
+                finished_write = True
+        assert finished_write and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)

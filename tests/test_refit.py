@@ -143,13 +143,14 @@ def test_a_process_restarted_for_memory_keeps_the_time_budget_and_still_refits(c
 
     started = time.monotonic()
     done = command("search.run", "--space", str(tiny_space), "--data-dir", str(cifar_dir), "--trials", "1000",
-                   "--timeout", "60", "--refit", "0.75", "--max-memory-growth", "0.001", cwd=workdir.parent)
+                   "--timeout", "80", "--refit", "0.6", "--max-memory-growth", "0.001", cwd=workdir.parent)
     elapsed = time.monotonic() - started
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("restarting with a fresh process") >= 1
     # a restarted process that began the budget anew would explore, grow and restart until --trials ran out
-    # (a restart costs seconds of imports and loading, more on a busy machine: the refit needs the 45 s left)
-    assert elapsed < 150, f"{elapsed:.0f} s for a 60 s budget"
+    # (a restart costs seconds of imports and loading, more on a busy machine: the refit needs the 48 s left;
+    # the 32 s of exploration let two trials end, the first to measure memory, on a loaded AVX2 machine too)
+    assert elapsed < 170, f"{elapsed:.0f} s for an 80 s budget"
     study = optuna.load_study(study_name="tiny-cifar10", storage=f"sqlite:///{workdir}/optuna.db")
     assert [t.state for t in study.trials if t.user_attrs.get("source") == "refit"][:1] == [TrialState.COMPLETE]
 
