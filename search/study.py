@@ -519,6 +519,17 @@ def refit_plan(best: optuna.trial.FrozenTrial, remaining: float) -> tuple[int, f
     return epochs, fixed + epochs * per_epoch
 
 
+def one_epoch_seconds(best: optuna.trial.FrozenTrial) -> float:
+    """What a refit of `best` that trains a single epoch is expected to take, set-up and test pass included."""
+    epochs, planned = refit_plan(best, 0.0)
+    return setup_seconds(best) + (planned - setup_seconds(best)) / epochs
+
+
+def one_epoch_fits(best: optuna.trial.FrozenTrial, remaining: float) -> bool:
+    """Whether a refit of `best` can train at least one epoch in `remaining` seconds."""
+    return one_epoch_seconds(best) <= remaining
+
+
 def setup_seconds(trial: optuna.trial.FrozenTrial) -> float:
     """What a trial spent besides training: building its model and the test pass."""
     return max(0.0, (trial.user_attrs.get("trial_seconds") or 0.0) - (trial.user_attrs.get("train_seconds") or 0.0))
@@ -553,6 +564,10 @@ def refit_best(setup: Setup, parent: str, objective, remaining: float, elapsed: 
         return
     if refit_plan(best, remaining) is None:
         log.info(f"refit: skipped, trial {best.number} recorded no epoch timings")
+        return
+    if not one_epoch_fits(best, remaining):  # its first epoch would end past the budget and teach nothing new
+        log.info(f"refit: skipped, one epoch of trial {best.number}'s configuration (~{one_epoch_seconds(best):.0f} s) "
+                 f"does not fit in the {remaining:.0f} s left")
         return
     started = time.monotonic()
     rounds = refit_rounds(best, setup.timeout, elapsed, remaining)

@@ -178,6 +178,16 @@ def test_the_keras_tuner_driver_refuses_a_refit(cifar_dir, workdir, tiny_space):
         run_search(SearchConfig(space=str(tiny_space), data_dir=str(cifar_dir), driver="kerastuner", refit=0.4))
 
 
+def test_a_refit_is_skipped_when_not_even_one_epoch_fits_in_the_time_left():
+    from search.study import one_epoch_fits
+
+    # a slow machine: exploration's one trial overran, 500 s are left and an epoch takes 780 s
+    best = optuna.trial.create_trial(value=0.8, user_attrs={"epochs_run": 4, "epoch_seconds": 780.0,
+                                                            "train_seconds": 3120.0, "trial_seconds": 3170.0})
+    assert not one_epoch_fits(best, remaining=500)
+    assert one_epoch_fits(best, remaining=1500)
+
+
 def test_the_refit_fills_the_time_left_with_epochs_of_the_best_trials_measured_length():
     from search.study import refit_plan
 
