@@ -501,28 +501,36 @@ def best_explored(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     return max(explored, key=lambda t: t.values[0], default=None)
 
 
-def refit_plan(best: optuna.trial.FrozenTrial, remaining: float) -> tuple[int, float] | None:
-    """(epochs, expected seconds) of a refit of `best` that fills `remaining` seconds, never fewer epochs than
-    `best` ran; None when `best` recorded no timings.
-
-    An epoch costs what `best`'s epochs cost on average, plus REFIT_EPOCH_MARGIN; building the model and the
-    test pass cost what they cost `best` (its trial seconds beyond its training seconds), once."""
+def refit_epoch_seconds(best: optuna.trial.FrozenTrial) -> float | None:
+    """What one refit epoch of `best` is planned to take: its epochs' mean plus REFIT_EPOCH_MARGIN; None when
+    `best` recorded no timings."""
     ran = best.user_attrs.get("epochs_run") or len(best.intermediate_values)
     per_epoch = best.user_attrs.get("epoch_seconds")
     if not per_epoch and best.user_attrs.get("train_seconds") and ran:  # trials recorded before epoch_seconds
         per_epoch = best.user_attrs["train_seconds"] / ran
     if not per_epoch or not ran:
         return None
+    return per_epoch * REFIT_EPOCH_MARGIN  # so a slower stretch of a shared machine still ends inside the budget
+
+
+def refit_plan(best: optuna.trial.FrozenTrial, remaining: float) -> tuple[int, float] | None:
+    """(epochs, expected seconds) of a refit of `best` that fills `remaining` seconds, never fewer epochs than
+    `best` ran; None when `best` recorded no timings.
+
+    An epoch costs refit_epoch_seconds; building the model and the test pass cost what they cost `best` (its
+    trial seconds beyond its training seconds), once."""
+    per_epoch = refit_epoch_seconds(best)
+    if per_epoch is None:
+        return None
+    ran = best.user_attrs.get("epochs_run") or len(best.intermediate_values)
     fixed = setup_seconds(best)
-    per_epoch *= REFIT_EPOCH_MARGIN  # so a slower stretch of a shared machine still ends inside the budget
     epochs = max(ran, int((remaining - fixed) // per_epoch))
     return epochs, fixed + epochs * per_epoch
 
 
 def one_epoch_seconds(best: optuna.trial.FrozenTrial) -> float:
     """What a refit of `best` that trains a single epoch is expected to take, set-up and test pass included."""
-    epochs, planned = refit_plan(best, 0.0)
-    return setup_seconds(best) + (planned - setup_seconds(best)) / epochs
+    return setup_seconds(best) + refit_epoch_seconds(best)
 
 
 def one_epoch_fits(best: optuna.trial.FrozenTrial, remaining: float) -> bool:
