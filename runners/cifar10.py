@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runners.datasets import file_digest
+from runners.digest import file_digest
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 MD5 = "c58f30108f718f92721af3b95e74349a"

@@ -43,15 +43,6 @@ class Dataset:
         return {name: len(y) for name, (_, y) in self.splits.items()}
 
 
-def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
-    """Hex digest of a file's bytes, read in 1 MiB chunks (`hashlib.file_digest` needs Python 3.11)."""
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 # ---------------------------------------------------------------- splits
 
 

@@ -1,6 +1,6 @@
 """Where trials run: GPU detection, memory growth and mixed precision; the CPU path is the tested one.
 
-On a GPU machine each worker is given one card by `runners/local_workers.sh` (CUDA_VISIBLE_DEVICES), memory
+On a GPU machine each worker is given one card by `search/local_workers.sh` (CUDA_VISIBLE_DEVICES), memory
 growth lets several processes share a card, and mixed precision (float16) is on by default where the card has
 tensor cores (compute capability 7.0 or newer). On a CPU that multiplies bfloat16 natively (AVX512_BF16 or
 AMX) mixed precision is bfloat16 by default: fast_cifar trained 2.3x faster that way on an AMD EPYC (571

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runners.datasets import Dataset, file_digest
+from runners.datasets import Dataset
+from runners.digest import file_digest
 
 log = logging.getLogger("search")
 SPLITS = ("train", "val", "test")

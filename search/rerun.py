@@ -12,7 +12,7 @@ from pathlib import Path
 
 from search import space as spaces
 from search import tracking
-from search.config import tracking_uri as resolve_tracking_uri
+from search.stores import tracking_uri as resolve_tracking_uri
 from search.errors import ConfigError
 
 log = logging.getLogger("search")
@@ -30,7 +30,11 @@ def rerun(spec: str, storage: str | None = None, tracking_uri: str | None = None
           workdir: str = "mlruns") -> dict:
     """Retrain the trial; returns the original's and the re-run's validation accuracy and the new run id."""
     from runners.datasets import load_dataset
-    from search.study import find_study, model_runner, parse_breeds
+    from runners.protocol import runner_named
+    from runners.train import EachEpoch
+    from search.setup import parse_breeds
+    from search.stores import find_study
+    from search.trial import EpochLog
 
     name, number = parse_spec(spec)
     study = find_study(name, storage, workdir)
@@ -58,9 +62,9 @@ def rerun(spec: str, storage: str | None = None, tracking_uri: str | None = None
         tracking.ROLE: "rerun", "optuna.study": name, "search.rerun_of": f"{name}:{number}",
         "search.rerun_of_run": original.info.run_id}).info.run_id
     client.log_batch(run_id, params=[tracking.Param(k, str(v)) for k, v in {**params, **context}.items()])
-    result = model_runner(space.model).train_and_evaluate(
+    result = runner_named(space.model).train_and_evaluate(
         params, data, epochs=int(context["epochs_max"]), patience=int(context["patience"]),
-        seed=int(context["seed"]), recipes=space.recipes, callbacks=[tracking.EpochLogger(client, run_id)],
+        seed=int(context["seed"]), recipes=space.recipes, callbacks=[EachEpoch(EpochLog(client, run_id))],
         options={"workdir": str(Path(workdir)), "data_dir": none_if(settings.get("data_dir")),
                  "architectures": space.architectures})
     tracking.log_metrics(client, run_id, {"best_val_accuracy": result.val_accuracy, **result.test})

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from search.config import tracking_uri as resolve_tracking_uri
+from search.stores import tracking_uri as resolve_tracking_uri
 from search.errors import ConfigError
 
 STATE_ORDER = {"COMPLETE": 0, "PRUNED": 1, "FAIL": 2, "KILLED": 3, "RUNNING": 4}
@@ -205,7 +205,7 @@ def importances(study, evaluator=None) -> pd.DataFrame:
 
 def optuna_study(name: str, storage: str | None, workdir: str):
     """The Optuna study of a name, or None when only MLflow knows it (another driver's study)."""
-    from search.study import find_study
+    from search.stores import find_study
 
     try:
         return find_study(name, storage, workdir)

@@ -1,4 +1,4 @@
-"""`python -m search.run`: run (or resume) a hyperparameter search. A thin layer over `search.study.run_search`.
+"""`python -m search.run`: run (or resume) a hyperparameter search. A thin layer over `search.drivers.run_search`.
 
     python -m search.run --space scratch_cnn                     # CIFAR-10 warm-up, minutes on a laptop CPU
     python -m search.run --space scratch_cnn --dataset stanford_dogs --breeds 10 --image-size 96
@@ -15,7 +15,7 @@ import sys
 from dataclasses import fields
 
 from search.config import SearchConfig
-from search.errors import ConfigError
+from search.errors import ConfigError, SearchAborted
 
 BUDGET_STARTED = "SEARCH_BUDGET_STARTED"  # passes the time budget's start to the process that replaces this one
 
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     from search.results import leaderboard, to_text
-    from search.study import SearchAborted, run_search
+    from search.drivers import run_search
 
     config = config_from_args(args)
     if args.rerun:

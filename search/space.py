@@ -7,6 +7,7 @@ so every later step can trust it: an unknown key, a bad type, an empty choice li
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import math
 from dataclasses import dataclass, field
@@ -429,6 +430,11 @@ def suggest_params(trial, space: Space) -> dict:
         else:
             params[p.name] = trial.suggest_float(p.name, p.low, p.high, step=p.step, log=p.log)
     return params
+
+
+def replace_choices(param: Param, choices: list, default: Any) -> Param:
+    """A categorical parameter narrowed to some of its choices (a runner's narrow_choices, e.g. --backbone)."""
+    return dataclasses.replace(param, choices=tuple(choices), default=default)
 
 
 def default_params(space: Space) -> dict:

@@ -1,5 +1,6 @@
 """Stop a study's process when it stops paying, or when it has grown too big to keep going.
 
+`FailureStreak`: too many failed trials in a row (`--max-failures`).
 `StudyPatience`: no gain of `min_improvement` over the last N trials or M minutes (`patience` alone is
 Keras early stopping inside a trial; this is the study-level `--study-patience`).
 `MemoryWatch`: TensorFlow keeps ~10 MB per trained model after clear_session (measured: 20 rounds of
@@ -75,4 +76,31 @@ class MemoryWatch:
                            f"(limit --max-memory-growth {self.limit_mb:g} MB); restarting the worker")
             self.figures = {"search.memory_baseline_mb": f"{self.baseline:.0f}",
                             "search.memory_now_mb": f"{now:.0f}"}
+            study.stop()
+
+
+class FailureStreak:
+    """Stops a study after `limit` failed trials in a row, remembering the last reason (both drivers).
+
+    `note(state, reason)` takes one ended trial; as an Optuna callback it reads the trial and stops the study."""
+
+    def __init__(self, limit: int):
+        self.limit, self.streak, self.tripped, self.last_reason = limit, 0, False, ""
+
+    def note(self, state: str, reason: str | None) -> bool:
+        """Count one ended trial (COMPLETE, PRUNED or FAIL); True once the limit is reached."""
+        if state != "FAIL":
+            self.streak = 0
+            return False
+        self.streak += 1
+        self.last_reason = reason or "unknown"
+        self.tripped = self.tripped or self.streak >= self.limit
+        return self.tripped
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.state == TrialState.FAIL and trial.user_attrs.get("surplus"):
+            return  # a trial claimed past the target by a race between workers says nothing of the search
+        if trial.state not in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
+            return
+        if self.note(trial.state.name, trial.user_attrs.get("fail_reason")):
             study.stop()

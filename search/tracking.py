@@ -13,28 +13,16 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-import keras
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Dataset as MlflowDataset
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 
 from search.errors import ConfigError
+from search.stores import redact
 
 ROLE = "search.role"  # 'invocation' (parent), 'trial', or 'study' (the study-level report run)
-
-
-def redact(url: str | None) -> str | None:
-    """A store URL with any password replaced by ***, safe for logs, params and tags."""
-    if not url or "://" not in url:
-        return url
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def connect(tracking_uri: str, attempts: int = 3) -> MlflowClient:
@@ -153,20 +141,6 @@ def finish_trial_run(client: MlflowClient, run_id: str, state: str, reason: str 
     client.set_terminated(run_id, status)
 
 
-class EpochLogger(keras.callbacks.Callback):
-    """Logs every metric of an epoch to a trial's run in one call, with the epoch (from 1) as step."""
-
-    def __init__(self, client: MlflowClient, run_id: str):
-        super().__init__()
-        self.client, self.run_id = client, run_id
-        self.seconds = 0.0  # time spent logging, for the overhead benchmark
-
-    def on_epoch_end(self, epoch, logs=None):
-        started = time.perf_counter()
-        log_metrics(self.client, self.run_id, dict(logs or {}), step=epoch + 1)
-        self.seconds += time.perf_counter() - started
-
-
 def log_missing_epochs(client: MlflowClient, run_id: str, history: dict[str, list[float]]) -> None:
     """Log the epochs of a checkpoint's history that the run lacks, each at its step (epoch from 1)."""
     logged = {m.step for m in client.get_metric_history(run_id, "val_accuracy")}
@@ -206,7 +180,7 @@ def requirements() -> list[str]:
     return pins
 
 
-def log_keras_model(client: MlflowClient, run_id: str, model: keras.Model, name: str = "model") -> str:
+def log_keras_model(client: MlflowClient, run_id: str, model, name: str = "model") -> str:
     """Log a trained Keras model to a run (MLflow's keras flavour); returns its model URI."""
     import numpy as np
     from mlflow.models import infer_signature

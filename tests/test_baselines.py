@@ -9,7 +9,7 @@ from runners.scratch_cnn import build_model
 from search.config import SearchConfig
 from search.results import leaderboard
 from search.space import SpaceError, baseline_trials, default_params, load_space
-from search.study import run_search
+from search.drivers import run_search
 
 
 @pytest.mark.parametrize("architecture, image_size, millions", [
@@ -107,7 +107,7 @@ def test_a_multi_objective_study_refuses_a_pruner(cifar_dir, workdir, tiny_space
 
 
 def test_a_time_budgeted_run_prunes_with_hyperband_over_the_spaces_epochs():
-    from search.study import pruner_name
+    from search.sampling import pruner_name
 
     assert pruner_name(SearchConfig(), timeout=3600, objectives=["val_accuracy"]) == "hyperband"
     assert pruner_name(SearchConfig(), timeout=None, objectives=["val_accuracy"]) == "median"

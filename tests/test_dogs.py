@@ -8,7 +8,7 @@ from PIL import Image
 from conftest import write_space, TINY_SPACE
 from runners.datasets import load_dataset
 from search.config import SearchConfig
-from search.study import run_search
+from search.drivers import run_search
 
 DOG_SPACE = TINY_SPACE.replace("dataset: cifar10", "dataset: stanford_dogs").replace("image_size: 32", "image_size: 48") \
     .replace("subset: 300", "subset: null")

@@ -7,7 +7,8 @@ from conftest import TINY_SPACE, write_space
 from search import results
 from search import space as spaces
 from search.config import SearchConfig
-from search.study import SearchAborted, run_search
+from search.drivers import run_search
+from search.errors import SearchAborted
 
 STUDY = "tiny-cifar10-kerastuner"
 

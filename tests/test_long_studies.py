@@ -6,7 +6,7 @@ from mlflow import MlflowClient
 from conftest import write_space, TINY_SPACE
 from search.config import SearchConfig
 from search.rerun import rerun
-from search.study import run_search
+from search.drivers import run_search
 
 
 def test_study_patience_stops_a_study_that_cannot_improve_and_says_why(cifar_dir, workdir, tmp_path):

@@ -1,7 +1,10 @@
 """The registered best model: a pyfunc that predicts real photos from a path, bytes or HTTP, without this repo."""
 import base64
+import csv
+import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,8 +22,9 @@ from mlflow import MlflowClient
 
 from conftest import TINY_SPACE, shared, write_space
 from search.config import SearchConfig
+import search.predict
 from search.predict import main
-from search.study import run_search
+from search.drivers import run_search
 from search.tracking import fluent_api
 
 NAME = "tiny-cifar10"
@@ -99,7 +103,8 @@ def test_json_gives_ranked_probabilities_from_the_named_version(registered, caps
 def test_bad_inputs_get_a_message_each_and_the_rest_are_still_predicted(registered, capsys, tmp_path):
     text = tmp_path / "notes.jpg"
     text.write_text("not a photo")
-    out, _ = predicted(capsys, registered.args(str(tmp_path / "missing.jpg"), str(text), str(registered.dog)))
+    out, _ = predicted(capsys, registered.args(str(tmp_path / "missing.jpg"), str(text), str(registered.dog)),
+                       code=1)  # issue #27: any failed input exits 1, after the good ones are predicted
     assert f"{tmp_path / 'missing.jpg'}: cannot predict: no such file" in out
     assert f"{text}: cannot predict: not an image" in out
     assert f"{registered.dog}\n  1. " in out
@@ -108,6 +113,149 @@ def test_bad_inputs_get_a_message_each_and_the_rest_are_still_predicted(register
 def test_nothing_predictable_exits_1(registered, capsys, tmp_path):
     out, _ = predicted(capsys, registered.args(str(tmp_path / "missing.jpg")), code=1)
     assert "no such file" in out
+
+
+@pytest.fixture
+def album(registered, tmp_path) -> Path:
+    """A folder of real photos in sub-folders, with files and folders a walk must skip."""
+    root = tmp_path / "album"
+    (root / "b").mkdir(parents=True)
+    (root / "a" / "deep").mkdir(parents=True)
+    (root / "empty").mkdir()
+    (root / ".cache").mkdir()
+    shutil.copy(registered.dog, root / "b" / "dog.jpg")
+    shutil.copy(registered.cat, root / "a" / "deep" / "cat.JPG")
+    shutil.copy(registered.dog, root / "a" / "z.jpeg")
+    shutil.copy(registered.dog, root / "top.jpg")
+    shutil.copy(registered.dog, root / ".cache" / "thumb.jpg")  # hidden: skipped
+    shutil.copy(registered.dog, root / ".hidden.jpg")           # hidden: skipped
+    (root / "notes.txt").write_text("not a photo, and not named like one: skipped")
+    return root
+
+
+def test_a_folder_stands_for_every_image_below_it_sorted(registered, capsys, album):
+    out, err = predicted(capsys, registered.args(str(album), "--format", "json"))
+    rows = json.loads(out)["images"]
+    assert [row["image"] for row in rows] == [str(album / "a" / "deep" / "cat.JPG"), str(album / "a" / "z.jpeg"),
+                                              str(album / "b" / "dog.jpg"), str(album / "top.jpg")]
+    assert all(row["error"] is None and len(row["predictions"]) == 3 for row in rows)
+    assert err == ""
+
+
+def test_photos_are_predicted_in_batches_by_one_loaded_model(registered, capsys, album, monkeypatch):
+    loads, calls = [], []
+    real_load = search.predict.load_classifier
+
+    class Counting:
+        def __init__(self, model):
+            self.model = model
+
+        def predict(self, paths, params=None):
+            calls.append(len(paths))
+            return self.model.predict(paths, params=params)
+
+    def load(uri, store):
+        loads.append(uri)
+        return Counting(real_load(uri, store))
+
+    monkeypatch.setattr(search.predict, "load_classifier", load)
+    out, _ = predicted(capsys, registered.args(str(album), str(registered.cat), "--batch-size", "2"))
+    assert len(loads) == 1 and calls == [2, 2, 1]
+    assert out.count("  1. ") == 5
+
+
+def test_a_progress_line_goes_to_a_terminal_stderr_only_for_several_batches(registered, capsys, album,
+                                                                           monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    out, err = predicted(capsys, registered.args(str(album), "--batch-size", "2", "--format", "csv"))
+    assert "predicting" in err and "4/4" in err
+    assert "predicting" not in out and len(list(csv.DictReader(io.StringIO(out)))) == 4
+    _, err = predicted(capsys, registered.args(str(album), "--format", "csv"))  # one batch of 64: no line
+    assert "predicting" not in err
+
+
+def test_mixed_inputs_exit_1_naming_each_failure_and_still_predict_the_good_one(registered, capsys, tmp_path):
+    notes = tmp_path / "notes.jpg"
+    notes.write_text("not a photo")
+    folder = tmp_path / "somefolder"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("no photos here")
+    link = tmp_path / "gone.jpg"
+    link.symlink_to(tmp_path / "deleted.jpg")
+    missing = tmp_path / "missing.jpg"
+    out, err = predicted(capsys, registered.args(str(missing), str(notes), str(folder), str(link),
+                                                 str(registered.dog)), code=1)
+    failures = {line.strip() for line in err.splitlines()[1:]}
+    assert failures == {f"{missing}: no such file", f"{notes}: not an image (cannot be decoded)",
+                        f"{folder}: is a folder with no images (1 other file)", f"{link}: broken link"}
+    assert err.splitlines()[0] == "error: 4 of 5 inputs could not be predicted:"
+    assert f"{registered.dog}\n  1. " in out and "no such file" not in out.split(str(folder))[1].split("\n")[0]
+
+
+def test_an_unreadable_photo_is_named_as_such(registered, capsys, monkeypatch):
+    locked, real_open = str(registered.cat), Path.open
+
+    def guarded(self, *args, **kwargs):
+        if str(self) == locked:
+            raise PermissionError(13, "Permission denied", locked)
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", guarded)  # chmod does not stop root, who runs the tests in CI
+    out, err = predicted(capsys, registered.args(locked, str(registered.dog)), code=1)
+    assert f"{locked}: unreadable (permission)" in err and f"{registered.dog}\n  1. " in out
+
+
+def test_csv_has_one_row_per_input_with_ranked_breeds_and_an_error_column(registered, capsys, tmp_path):
+    missing = tmp_path / "missing.jpg"
+    out, _ = predicted(capsys, registered.args(str(registered.dog), str(missing), str(registered.cat),
+                                               "--format", "csv", "--top", "4"), code=1)
+    reader = csv.DictReader(io.StringIO(out))
+    assert reader.fieldnames == ["image", "breed_1", "probability_1", "breed_2", "probability_2", "breed_3",
+                                 "probability_3", "breed_4", "probability_4", "error"]
+    rows = list(reader)
+    assert [row["image"] for row in rows] == [str(registered.dog), str(missing), str(registered.cat)]
+    for row in rows[0], rows[2]:
+        probabilities = [float(row[f"probability_{k}"]) for k in range(1, 5)]
+        assert probabilities == sorted(probabilities, reverse=True) and 0 < probabilities[0] <= 1
+        assert row["breed_1"] and row["error"] == ""
+    assert rows[1]["error"] == "no such file" and rows[1]["breed_1"] == rows[1]["probability_1"] == ""
+
+
+def test_json_to_an_output_file_leaves_stdout_empty(registered, capsys, tmp_path, album):
+    target = tmp_path / "breeds.json"
+    out, err = predicted(capsys, registered.args(str(album / "top.jpg"), str(tmp_path / "nope"),
+                                                 "--format", "json", "--output", str(target)), code=1)
+    assert out == "" and f"{tmp_path / 'nope'}: no such file" in err
+    answer = json.loads(target.read_text())
+    assert answer["model"] == f"models:/{MODEL}/latest"
+    good, bad = answer["images"]
+    assert good["image"] == str(album / "top.jpg") and good["error"] is None and len(good["predictions"]) == 3
+    assert bad == {"image": str(tmp_path / "nope"), "predictions": [], "error": "no such file"}
+
+
+def test_help_does_not_import_tensorflow():
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "search.predict", "--help"],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--format" in done.stdout
+    imported = [line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")]
+    assert "search.predict" in imported or "search" in imported  # importtime did report this process's imports
+    assert not [name for name in imported if name.split(".")[0] in ("tensorflow", "keras", "mlflow")]
+
+
+def test_inputs_that_all_fail_exit_1_without_loading_the_model(registered, capsys, tmp_path, monkeypatch):
+    def refuse(uri, store):
+        raise AssertionError("the model was loaded with nothing to predict")
+
+    monkeypatch.setattr(search.predict, "load_classifier", refuse)
+    out, err = predicted(capsys, registered.args(str(tmp_path / "missing.jpg"), str(tmp_path)), code=1)
+    assert f"{tmp_path}: is a folder with no images" in err and "missing.jpg: no such file" in err
+
+
+def test_no_registered_model_exits_2_without_predicting(capsys, tmp_path, registered):
+    store = f"sqlite:///{tmp_path}/empty.db"
+    assert main(["--tracking-uri", store, str(registered.dog)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "no registered model" in captured.err and "Traceback" not in captured.err
 
 
 def test_an_unknown_model_exits_2_naming_the_registered_ones(registered, capsys):

@@ -15,7 +15,8 @@ from optuna.trial import TrialState
 from search.config import SearchConfig
 from search.errors import ConfigError
 from search.results import leaderboard
-from search.study import parse_objectives, refit_fraction, run_search
+from search.drivers import run_search
+from search.sampling import parse_objectives, refit_fraction
 from conftest import ROOT, write_space, TINY_SPACE
 
 
@@ -127,7 +128,7 @@ def test_training_stops_after_the_epoch_that_reaches_its_deadline(cifar_dir, tmp
 
 
 def test_the_refit_rounds_end_the_first_at_half_the_budget_when_the_refit_starts_before_it():
-    from search.study import refit_rounds
+    from search.refit import refit_rounds
 
     best = optuna.trial.create_trial(value=0.6, user_attrs={"epochs_run": 4, "epoch_seconds": 100.0,
                                                             "train_seconds": 400.0, "trial_seconds": 420.0})
@@ -179,7 +180,7 @@ def test_the_keras_tuner_driver_refuses_a_refit(cifar_dir, workdir, tiny_space):
 
 
 def test_a_refit_is_skipped_when_not_even_one_epoch_fits_in_the_time_left():
-    from search.study import one_epoch_fits
+    from search.refit import one_epoch_fits
 
     # a slow machine: exploration's one trial overran, 500 s are left and an epoch takes 780 s
     best = optuna.trial.create_trial(value=0.8, user_attrs={"epochs_run": 4, "epoch_seconds": 780.0,
@@ -189,7 +190,7 @@ def test_a_refit_is_skipped_when_not_even_one_epoch_fits_in_the_time_left():
 
 
 def test_the_refit_fills_the_time_left_with_epochs_of_the_best_trials_measured_length():
-    from search.study import refit_plan
+    from search.refit import refit_plan
 
     best = optuna.trial.create_trial(value=0.6, user_attrs={"epochs_run": 2, "epoch_seconds": 10.0,
                                                             "train_seconds": 21.0, "trial_seconds": 26.0})

@@ -17,7 +17,7 @@ from search.config import SearchConfig
 from search.evaluation import evaluate_predictions, picture_classes, picture_counts, plot_confusion_matrix
 from search.report import log_study_report
 from search.results import FORMATS, leaderboard, main, pareto_front
-from search.study import run_search
+from search.drivers import run_search
 
 NAME, SECOND = "tiny-cifar10", "tiny-second"
 

@@ -20,7 +20,8 @@ from optuna.trial import TrialState
 from conftest import TINY_SPACE, write_space
 from conftest_postgres import PASSWORD
 from search.config import SearchConfig
-from search.study import find_study, run_search
+from search.drivers import run_search
+from search.stores import find_study
 
 ROOT = Path(__file__).resolve().parents[1]
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -54,9 +55,9 @@ def wait_for(processes: list[subprocess.Popen], timeout: float) -> list[int]:
 
 
 def create_stores(storage: str, tracking: str) -> None:
-    """Create both databases' tables once, as runners/local_workers.sh does before its workers start:
+    """Create both databases' tables once, as search/local_workers.sh does before its workers start:
     processes that create one fresh database at the same moment race on its tables."""
-    from search.study import open_storage
+    from search.stores import open_storage
     from search.tracking import connect
 
     open_storage(storage)
@@ -275,7 +276,7 @@ def test_a_study_logs_to_a_running_mlflow_server(mlflow_server, cifar_dir, workd
 @pytest.mark.slow
 def test_local_workers_share_the_journal_file_by_default(cifar_dir, workdir):
     space = write_space(workdir.parent, TINY_SPACE)
-    done = subprocess.run([str(ROOT / "runners" / "local_workers.sh"), "2", "--space", str(space), "--data-dir",
+    done = subprocess.run([str(ROOT / "search" / "local_workers.sh"), "2", "--space", str(space), "--data-dir",
                            str(cifar_dir), "--trials", "3", "--epochs", "1", "--subset", "200", "--sampler", "random"],
                           cwd=workdir.parent, env=worker_env(PYTHON=sys.executable), capture_output=True, text=True,
                           timeout=600)

@@ -10,7 +10,8 @@ from optuna.trial import TrialState
 from conftest import write_space, TINY_SPACE
 from search.config import SearchConfig
 from search.results import leaderboard
-from search.study import SearchAborted, run_search
+from search.drivers import run_search
+from search.errors import SearchAborted
 from search.tracking import fluent_api
 
 

@@ -13,7 +13,8 @@ from runners.transfer import BACKBONES, Weights, resolve_weights
 from search import space as spaces
 from search.config import SearchConfig
 from search.errors import ConfigError
-from search.study import prepare, run_search
+from search.drivers import run_search
+from search.setup import prepare_run as prepare
 
 
 def write_keras_cache_file(backbone_name: str, image_size: int) -> tuple[Path, keras.Model]:

@@ -38,7 +38,7 @@ def parser() -> argparse.ArgumentParser:
 def run_driver(name: str, args: argparse.Namespace, workdir: Path) -> tuple[str, float]:
     """One driver's study under the time budget; its study name and wall-clock seconds."""
     from search.config import SearchConfig
-    from search.study import run_search
+    from search.drivers import run_search
 
     study = f"bench-{args.space}-{name}"
     config = SearchConfig(space=args.space, data_dir=args.data_dir, subset=args.subset, epochs=args.epochs,

@@ -47,9 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trials", type=int, default=3)
     args = p.parse_args(argv)
 
-    from search.config import SearchConfig, sqlite_url
+    from search.config import SearchConfig
+    from search.stores import sqlite_url
     from search.space import default_params, load_space
-    from search.study import find_study, run_search
+    from search.drivers import run_search
+    from search.stores import find_study
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     print(f"machine: {cpu_name()}, {matmul_gflops():.0f} GFLOP/s float32 matmul")
@@ -82,7 +84,7 @@ def trial_seconds(workdir: str, trial) -> tuple[float, float]:
     """model.fit and test-evaluation seconds of a trial, from its MLflow run."""
     from mlflow import MlflowClient
 
-    from search.config import tracking_uri
+    from search.stores import tracking_uri
 
     run = MlflowClient(tracking_uri(None, workdir)).get_run(trial.user_attrs["mlflow_run_id"])
     return run.data.metrics["train_seconds"], run.data.metrics["test_seconds"]

@@ -182,7 +182,8 @@ def run_arm(arm: str, args: argparse.Namespace) -> None:
 def run_search_arm(arm: str, args: argparse.Namespace) -> tuple[list, dict]:
     """A study under the time budget, no trial cap; its curve from the trials in completion order."""
     from search.config import SearchConfig
-    from search.study import find_study, run_search
+    from search.drivers import run_search
+    from search.stores import find_study
 
     stores = args.out / "stores"
     name = f"bench-search-{arm}-{datetime.now():%Y%m%d-%H%M%S}"  # a fresh study per run: reruns never mix

@@ -57,7 +57,8 @@ def main(argv: list[str]) -> int:
     from runners.device import cpu_count
     from search import space as spaces
     from search.config import SearchConfig
-    from search.study import parse_breeds, run_search
+    from search.drivers import run_search
+    from search.setup import parse_breeds
 
     workdir = Path(args.workdir).expanduser()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -121,7 +122,7 @@ def timed(work):
 
 def load_trials(summary):
     """The finished study's trials."""
-    from search.study import find_study
+    from search.stores import find_study
 
     return find_study(summary.study_name, summary.storage).trials
 

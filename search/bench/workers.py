@@ -3,7 +3,7 @@
     python -m search.bench workers --data-dir /path/to/cifar        # the folder holding cifar-10-batches-py/
 
 Throughput: the same small study (tiny CNNs on a CIFAR-10 subset, 1 epoch) run by N worker processes of
-`runners/local_workers.sh` sharing the journal file; trials per hour counted over the wall clock (start-up
+`search/local_workers.sh` sharing the journal file; trials per hour counted over the wall clock (start-up
 included) and inside the study (first trial start to last trial end). Memory: one worker runs many short
 trials; its resident set size (psutil) is sampled from outside when its first trial ends and when its last
 one ends.
@@ -66,13 +66,13 @@ def throughput(workers: int, folder: Path, space: Path, data_dir: str, trials: i
     import optuna
 
     started = time.perf_counter()
-    done = subprocess.run([str(ROOT / "runners" / "local_workers.sh"), str(workers),
+    done = subprocess.run([str(ROOT / "search" / "local_workers.sh"), str(workers),
                            *study_args(space, data_dir, trials, subset)],
                           cwd=folder, env=worker_env(), capture_output=True, text=True)
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"{workers} workers failed:\n{done.stdout}\n{done.stderr}")
-    from search.study import find_study
+    from search.stores import find_study
 
     counted = find_study("bench-cifar10", workdir=str(folder / "mlruns")).get_trials(
         states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))

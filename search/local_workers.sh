@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # N search workers on this machine, sharing one study:
 #
-#   runners/local_workers.sh 4 --space scratch_cnn --trials 40
+#   search/local_workers.sh 4 --space scratch_cnn --trials 40
 #
 # Every argument after N goes to `python -m search.run`, plus `--workers N`: without --storage the
 # workers then share the journal file mlruns/optuna.journal (SQLite is not safe for several writers).
@@ -34,10 +34,9 @@ python=${PYTHON:-python}
 stores_log="$workdir/workers/stores.log"
 "$python" - "$@" --workers "$workers" >"$stores_log" 2>&1 <<'EOF' || { tail -n 5 "$stores_log" >&2; exit 2; }
 import sys
-from search.config import optuna_storage_url, tracking_uri
+from search.stores import open_storage, optuna_storage_url, tracking_uri
 from search.errors import ConfigError
 from search.run import config_from_args, parser
-from search.study import open_storage
 from search.tracking import connect
 
 config = config_from_args(parser().parse_args(sys.argv[1:]))

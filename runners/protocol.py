@@ -1,0 +1,62 @@
+"""The contract between the search and a model: what every runner module provides, and its errors.
+
+A space file names its runner (`model: scratch_cnn`); both drivers (Optuna, Keras Tuner) train every trial
+through these three calls and nothing else, so any driver works with any runner:
+
+    choices = runner.narrow_choices(choices, defaults, backbone=..., weights=...)  # once, before trial 1
+    result = runner.train_and_evaluate(params, data, epochs=..., patience=..., seed=..., recipes=...,
+                                       callbacks=[...], options={...}, checkpoint=folder)
+    runner.release(result)                                                        # after each trial
+
+`runners/` knows nothing of `search/`: it takes plain values and raises RunnerConfigError (bad input found
+before any trial: the search layer turns it into a configuration error, exit 2) or ArchitectureError (a
+sampled configuration that cannot be built: a pruned trial, not a crash).
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Any, Protocol, runtime_checkable
+
+RUNNERS = ("scratch_cnn", "transfer")  # modules of runners/ a space's `model:` may name
+
+
+class RunnerConfigError(ValueError):
+    """Bad run-wide input a runner found before any trial: an unknown backbone, missing weights."""
+
+
+class ArchitectureError(ValueError):
+    """A sampled architecture that cannot be built for this input size (rejected before training)."""
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """What a module of runners/ named by a space's `model:` provides (modules satisfy it structurally)."""
+
+    def narrow_choices(self, choices: dict[str, list], defaults: dict[str, Any], *, backbone: str | None,
+                       weights: str | None) -> dict[str, tuple[list, Any]]:
+        """Check run-wide options against the space's categorical choices; {param: (choices, default)} to
+        replace (empty: nothing narrowed). Raises RunnerConfigError."""
+
+    def train_and_evaluate(self, params: dict, data, *, epochs: int, patience: int, seed: int, recipes: dict,
+                           callbacks: list | None = None, evaluate_test: bool = True, options: dict | None = None,
+                           checkpoint=None):
+        """Build, fit (validating every epoch, resuming from `checkpoint`), test once: a runners.train.TrialResult.
+
+        `options`: "weights", "workdir", "data_dir", "architectures", "max_mflops" (reject bigger models),
+        "initial_weights" (a saved model of the same configuration to start from)."""
+
+    def release(self, result=None) -> None:
+        """Free a finished trial's model and graphs."""
+
+
+def runner_named(model: str) -> ModuleType:
+    """The runners/ module a space's `model:` names, checked against the Runner protocol."""
+    if model not in RUNNERS:
+        raise RunnerConfigError(f"unknown model '{model}' in the space; a model is a module of runners/ "
+                                f"({', '.join(RUNNERS)})")
+    module = importlib.import_module(f"runners.{model}")
+    missing = [name for name in ("narrow_choices", "train_and_evaluate", "release") if not hasattr(module, name)]
+    if missing:  # a contributor's new runner, half written
+        raise RunnerConfigError(f"runners/{model}.py lacks {', '.join(missing)} (see runners/protocol.py)")
+    return module

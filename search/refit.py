@@ -1,0 +1,150 @@
+"""The refit phase: retrain the best explored configuration for the rest of the time budget.
+
+Exploration finds a configuration in short trials; the refit trains it again, unpruned, for as many epochs as
+the time left holds (planned from its measured epoch time, REFIT_EPOCH_MARGIN slower), as one or two rounds
+(the second a warm restart from the first's weights, see REFIT_ROUND_END). Rounds are ordinary trials of the
+study (MLflow run, checkpoints, leaderboard, best model), tagged `refit_of`. Constants: search/config.py.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import optuna
+from optuna.trial import TrialState
+
+from search import tracking
+from search.config import REFIT_EPOCH_MARGIN, REFIT_ROUND_END
+from search.recovery import DiscardCheckpoint
+from search.sampling import feasible
+
+log = logging.getLogger("search")
+
+
+def best_explored(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The explored (not refit) complete feasible trial with the best validation accuracy, or None."""
+    explored = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if feasible(t) and t.user_attrs.get("refit_of") is None]
+    return max(explored, key=lambda t: t.values[0], default=None)
+
+
+def refit_epoch_seconds(best: optuna.trial.FrozenTrial) -> float | None:
+    """What one refit epoch of `best` is planned to take: its epochs' mean plus REFIT_EPOCH_MARGIN; None when
+    `best` recorded no timings."""
+    ran = best.user_attrs.get("epochs_run") or len(best.intermediate_values)
+    per_epoch = best.user_attrs.get("epoch_seconds")
+    if not per_epoch and best.user_attrs.get("train_seconds") and ran:  # trials recorded before epoch_seconds
+        per_epoch = best.user_attrs["train_seconds"] / ran
+    if not per_epoch or not ran:
+        return None
+    return per_epoch * REFIT_EPOCH_MARGIN  # so a slower stretch of a shared machine still ends inside the budget
+
+
+def refit_plan(best: optuna.trial.FrozenTrial, remaining: float) -> tuple[int, float] | None:
+    """(epochs, expected seconds) of a refit of `best` that fills `remaining` seconds, never fewer epochs than
+    `best` ran; None when `best` recorded no timings.
+
+    An epoch costs refit_epoch_seconds; building the model and the test pass cost what they cost `best` (its
+    trial seconds beyond its training seconds), once."""
+    per_epoch = refit_epoch_seconds(best)
+    if per_epoch is None:
+        return None
+    ran = best.user_attrs.get("epochs_run") or len(best.intermediate_values)
+    fixed = setup_seconds(best)
+    epochs = max(ran, int((remaining - fixed) // per_epoch))
+    return epochs, fixed + epochs * per_epoch
+
+
+def one_epoch_seconds(best: optuna.trial.FrozenTrial) -> float:
+    """What a refit of `best` that trains a single epoch is expected to take, set-up and test pass included."""
+    return setup_seconds(best) + refit_epoch_seconds(best)
+
+
+def one_epoch_fits(best: optuna.trial.FrozenTrial, remaining: float) -> bool:
+    """Whether a refit of `best` can train at least one epoch in `remaining` seconds."""
+    return one_epoch_seconds(best) <= remaining
+
+
+def setup_seconds(trial: optuna.trial.FrozenTrial) -> float:
+    """What a trial spent besides training: building its model and the test pass."""
+    return max(0.0, (trial.user_attrs.get("trial_seconds") or 0.0) - (trial.user_attrs.get("train_seconds") or 0.0))
+
+
+def refit_rounds(best: optuna.trial.FrozenTrial, timeout: float, elapsed: float, remaining: float) -> list[float]:
+    """Seconds for each round of the refit: one round for the time left, or, when the refit starts before
+    REFIT_ROUND_END of the timeout and `best`'s epochs fit twice, a first round that ends there and a second
+    one (a warm restart from the first's weights) for the rest."""
+    first = timeout * REFIT_ROUND_END - elapsed
+    plan = refit_plan(best, first) if first > 0 else None
+    if plan is None or plan[1] > first or remaining - first < first:
+        return [remaining]
+    return [first, remaining - first]
+
+
+def refit_best(setup, parent: str, objective, remaining: float, elapsed: float = 0.0) -> None:
+    """Train the best explored configuration once more, for the time exploration left, as one or two trials.
+
+    Each round's epoch count (user attr `epochs`) makes its learning-rate schedule span its time; a second
+    round starts from the first one's weights (user attr `continues`), as a warm restart does. Rounds go
+    through the same objective as every trial (MLflow run, checkpoints, leaderboard, best model), unpruned."""
+    study = setup.study
+    best = best_explored(study)
+    if best is None or remaining <= 0:
+        log.info("refit: skipped, " + ("no complete trial to retrain" if best is None
+                                       else f"exploration used the whole {setup.timeout:.0f} s"))
+        return
+    busy = (TrialState.WAITING, TrialState.RUNNING)
+    if any(t.user_attrs.get("refit_of") == best.number for t in study.get_trials(deepcopy=False, states=busy)):
+        log.info(f"refit: trial {best.number}'s configuration is already being refit by another worker")
+        return
+    if refit_plan(best, remaining) is None:
+        log.info(f"refit: skipped, trial {best.number} recorded no epoch timings")
+        return
+    if not one_epoch_fits(best, remaining):  # its first epoch would end past the budget and teach nothing new
+        log.info(f"refit: skipped, one epoch of trial {best.number}'s configuration (~{one_epoch_seconds(best):.0f} s) "
+                 f"does not fit in the {remaining:.0f} s left")
+        return
+    started = time.monotonic()
+    rounds = refit_rounds(best, setup.timeout, elapsed, remaining)
+    previous = None
+    for index in range(1, len(rounds) + 1):
+        seconds = started + sum(rounds[:index]) - time.monotonic()  # to this round's end, as earlier ones ran
+        if index > 1 and (previous is None or seconds <= 0 or refit_plan(best, seconds)[1] > seconds):
+            log.info("refit: no second round, " + ("the first did not complete" if previous is None
+                                                     else "too little time left for it"))
+            return
+        epochs, planned = refit_plan(best, seconds)
+        label = f"round {index} of {len(rounds)}: " if len(rounds) > 1 else ""
+        start = f", starting from trial {previous.number}'s weights" if index > 1 else ""
+        log.info(f"refit: {label}trial {best.number}'s configuration for {epochs} epochs (~{planned:.0f} s){start}")
+        tracking.set_tags(setup.client, parent, {"search.refit_of": best.number, "search.refit_epochs": epochs,
+                                                 "search.refit_planned_seconds": round(planned),
+                                                 "search.refit_rounds": len(rounds)})
+        # training stops at the round's end less the test pass, however slow its epochs turn out (Deadline)
+        attrs = {"source": "refit", "refit_of": best.number, "epochs": epochs, "refit_round": index,
+                 "deadline": time.time() + seconds - setup_seconds(best)}
+        if previous is not None:
+            attrs.update(continues=previous.number, epochs_before=previous.user_attrs.get("epochs_run", 0)
+                         + previous.user_attrs.get("epochs_before", 0))
+        previous = run_refit_trial(setup, objective, best.params, attrs)
+
+
+def run_refit_trial(setup, objective, params: dict, attrs: dict) -> optuna.trial.FrozenTrial | None:
+    """Enqueue one refit trial, claim it, run it through the objective; the trial if it completed, else None."""
+    study = setup.study
+    study.enqueue_trial(params, user_attrs=attrs)
+    queued = max((t for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+                  if t.user_attrs.get("refit_of") == attrs["refit_of"]), key=lambda t: t.number)
+    if not study._storage.set_trial_state_values(queued._trial_id, state=TrialState.RUNNING):
+        log.info(f"refit: trial {queued.number} was taken by another worker")
+        return None
+    # Optuna runs the first waiting trial of the queue, which may be a baseline or warm start exploration left:
+    # this one call runs the refit trial claimed above instead
+    study._pop_waiting_trial_id = lambda: queued._trial_id
+    try:
+        study.optimize(objective, n_trials=1, callbacks=[DiscardCheckpoint(setup.checkpoints)],
+                       catch=(Exception,))
+    finally:
+        del study._pop_waiting_trial_id
+    done = study._storage.get_trial(queued._trial_id)
+    return done if done.state == TrialState.COMPLETE else None
