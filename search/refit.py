@@ -148,3 +148,16 @@ def run_refit_trial(setup, objective, params: dict, attrs: dict) -> optuna.trial
         del study._pop_waiting_trial_id
     done = study._storage.get_trial(queued._trial_id)
     return done if done.state == TrialState.COMPLETE else None
+
+
+def refit_default(setup, parent, objective, remaining: float, epochs: int, planned: float) -> None:
+    """Train the space's default configuration for the whole budget, as one refit trial (`refit_of` "default"):
+    what a run does when exploring cannot pay on this machine (search/plan.py)."""
+    from search import space as spaces
+
+    log.info(f"refit: the space's default configuration for {epochs} epochs (~{planned:.0f} s), no exploration")
+    tracking.set_tags(setup.client, parent, {"search.refit_of": "default", "search.refit_epochs": epochs,
+                                             "search.refit_planned_seconds": round(planned), "search.refit_rounds": 1})
+    attrs = {"source": "refit", "refit_of": "default", "epochs": epochs, "refit_round": 1,
+             "deadline": time.time() + remaining}
+    run_refit_trial(setup, objective, spaces.default_params(setup.space), attrs)

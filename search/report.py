@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from optuna.importance import FanovaImportanceEvaluator
 
-from search.results import importances, pareto_front, to_text
+from search.tables import importances, pareto_front, to_text
 
 CURVES = ("accuracy", "val_accuracy", "loss", "val_loss")
 STUDY_ROLE = "study"

@@ -31,7 +31,7 @@ def rerun(spec: str, storage: str | None = None, tracking_uri: str | None = None
     """Retrain the trial; returns the original's and the re-run's validation accuracy and the new run id."""
     from runners.datasets import load_dataset
     from runners.protocol import runner_named
-    from runners.train import EachEpoch
+    from runners.callbacks import EachEpoch
     from search.setup import parse_breeds
     from search.stores import find_study
     from search.trial import EpochLog

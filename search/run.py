@@ -9,9 +9,13 @@ Exit codes: 0 done, 1 too many failed trials, 2 bad configuration (nothing run),
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import math
 import os
+import signal
 import sys
+import threading
 from dataclasses import fields
 
 from search.config import SearchConfig
@@ -20,11 +24,64 @@ from search.errors import ConfigError, SearchAborted
 BUDGET_STARTED = "SEARCH_BUDGET_STARTED"  # passes the time budget's start to the process that replaces this one
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with its errors (an unknown flag, a word where a number goes) as one line and exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (python -m search.run --help lists the flags)\n")
+
+
+# Every numeric flag's range, checked right after parsing (before anything is imported, opened or written):
+# flag -> (whole number?, lowest value, is the lowest value itself allowed?, what it means when it helps).
+RANGES = {
+    "trials": (True, 1, True, ""),
+    "timeout": (False, 0, True, "seconds; 0 = no limit"),
+    "epochs": (True, 1, True, ""),
+    "subset": (True, 0, True, "images per split; 0 = all"),
+    "image_size": (True, 8, True, "pixels: a smaller input leaves nothing for the convolutions"),
+    "max_failures": (True, 1, True, ""),
+    "keep_models": (True, 1, True, "the best trial's model is always kept"),
+    "workers": (True, 1, True, ""),
+    "seed": (True, 0, True, ""),
+    "max_params": (True, 0, False, ""),
+    "max_inference_ms": (False, 0, False, "milliseconds per test image"),
+    "max_memory_growth": (False, 0, False, "MB"),
+    "study_patience": (True, 1, True, "completed trials"),
+    "within": (False, 0, False, "minutes"),
+    "min_improvement": (False, 0, True, "validation accuracy, 0 = any gain"),
+}
+
+
+def range_problems(values: dict) -> list[str]:
+    """What is out of range among the numeric settings (a parsed command line's or a SearchConfig's vars()),
+    one message per flag, naming it: `--trials -1: give a whole number of at least 1`. None is "not given"."""
+    problems = []
+    for name, (whole, low, inclusive, note) in RANGES.items():
+        value = values.get(name)
+        if value is None:
+            continue
+        if whole:
+            wanted = f"a whole number of at least {low if inclusive else low + 1}"
+            bad = isinstance(value, bool) or int(value) != value or value < low or (value == low and not inclusive)
+        else:
+            wanted = f"a number {'of at least' if inclusive else 'above'} {low:g}"
+            bad = not math.isfinite(value) or value < low or (value == low and not inclusive)
+        if bad:
+            flag = "--" + name.replace("_", "-")
+            shown = f"{value:g}" if isinstance(value, float) else value
+            problems.append(f"{flag} {shown}: give {wanted}" + (f" ({note})" if note else ""))
+    name, colon, k = (values.get("warm_start") or "").partition(":")
+    if (colon and not (k.isdigit() and int(k) >= 1)) or (values.get("warm_start") is not None and not name):
+        problems.append(f"--warm-start {values['warm_start']}: give STUDY or STUDY:K, K a whole number of at "
+                        "least 1 (the K best configurations of STUDY)")
+    return problems
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line; every default comes from SearchConfig or the space file."""
     d = SearchConfig()
-    p = argparse.ArgumentParser(prog="python -m search.run", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="python -m search.run", description=__doc__.split("\n")[0],
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--space", default=d.space, help="shipped space name (scratch_cnn, ...) or a path to a .yaml file")
     p.add_argument("--dataset", help="cifar10 | stanford_dogs | folder:PATH (default: the space's)")
     p.add_argument("--data-dir", help="local copy of the data (default: Keras's cache, else download)")
@@ -115,17 +172,41 @@ def rerun_trial(args: argparse.Namespace) -> int:
     return 0
 
 
+INTERRUPTED_TRIAL = ("\ninterrupted: a running trial is recorded as killed; run the same command to resume the "
+                     "study (such a trial from its last finished epoch).")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the search the arguments describe; return the exit code."""
+    """Run the search the arguments describe; return the exit code (Ctrl-C anywhere: 130, no traceback)."""
+    try:
+        return run_command(argv)
+    except KeyboardInterrupt:  # before the search started (imports, set-up) or after it ended (the table)
+        print("\ninterrupted.", file=sys.stderr)
+        return 130
+
+
+def run_command(argv: list[str] | None) -> int:
+    """Parse, check the numbers, run, print the leaderboard."""
     args = parser().parse_args(argv)
+    problems = range_problems(vars(args))
+    if problems:  # nothing has been imported, opened or written yet
+        print(f"error: {'; '.join(problems)}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
                         stream=sys.stdout, force=True)
+    # MLflow sets its own loggers' level when it is imported (later, by the search): "Creating initial MLflow
+    # database tables", "Successfully registered model" repeat what the search says itself
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-    import optuna
+    with ctrl_c_deferred():  # ~1 s of imports (Optuna, pandas, MLflow)
+        from search import quiet_tensorflow_startup
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    from search.results import leaderboard, to_text
-    from search.drivers import run_search
+        quiet_tensorflow_startup()
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        from search.results import leaderboard, to_text
+        from search.drivers import run_search
 
     config = config_from_args(args)
     if args.rerun:
@@ -139,21 +220,58 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\ninterrupted: the running trial was recorded as killed; run the same command to resume "
-              "it from its last finished epoch.",
-              file=sys.stderr)
+        print(INTERRUPTED_TRIAL, file=sys.stderr)
         return 130
     if summary.stopped == "memory" and argv is None:  # only a real command line is replaced
         restart(summary.budget_started)
-    table = leaderboard([summary.study_name], tracking_uri=config.tracking_uri, workdir=config.workdir)
-    print(f"\nstudy {summary.study_name}: {summary.counted} of {summary.target} trials "
-          f"(this run: {summary.trials_run}); best val_accuracy "
-          f"{'-' if summary.best_value is None else f'{summary.best_value:.4f}'} (trial {summary.best_trial})")
-    print(to_text(table.head(5), "md"))
-    print(f"\nMLflow UI:   mlflow ui --backend-store-uri {summary.tracking_uri}")
-    print(f"leaderboard: python -m search.results --study {summary.study_name} --format md")
+    try:
+        table = leaderboard([summary.study_name], tracking_uri=config.tracking_uri, workdir=config.workdir)
+        print(f"\nstudy {summary.study_name}: {summary.counted} of {summary.target} trials "
+              f"(this run: {summary.trials_run}); best val_accuracy "
+              f"{'-' if summary.best_value is None else f'{summary.best_value:.4f}'} (trial {summary.best_trial})")
+        print(to_text(table.head(5), "md"))
+        print(f"\nMLflow UI:   mlflow ui --backend-store-uri {summary.tracking_uri}")
+        print(f"leaderboard: python -m search.results --study {summary.study_name} --format md")
+    except KeyboardInterrupt:
+        print(f"\ninterrupted while printing the results; the study is recorded: "
+              f"python -m search.results --study {summary.study_name}", file=sys.stderr)
+        return 130
     return 0
 
 
+@contextlib.contextmanager
+def ctrl_c_deferred():
+    """Hold Ctrl-C until the block ends, then raise it. For imports: a KeyboardInterrupt raised inside a native
+    module's initialisation can come out as another error with a traceback (pydantic-core, which MLflow imports,
+    turns it into a SchemaError) or end the process by a signal after it was handled."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt
+
+
+def exit_quietly_on_ctrl_c() -> None:
+    """From here on (the interpreter shutting down: MLflow's and TensorFlow's exit handlers), Ctrl-C ends the
+    process at once with 130 instead of a traceback from whatever handler it lands in."""
+    def stop(signum, frame):
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(130)
+
+    signal.signal(signal.SIGINT, stop)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    exit_quietly_on_ctrl_c()
+    sys.exit(code)

@@ -81,8 +81,12 @@ def resolve_space(config: SearchConfig) -> tuple[str, spaces.Space, Budget]:
     dataset = config.dataset or spaces.load_space(config.space).dataset
     space = spaces.load_space(config.space, dataset)
     b = space.budget
+    # a run's own flags win: `--trials 2 --epochs 1` without --timeout is a short run, not the space's time
+    # budget (and its refit) around two trials
+    own_size = config.trials is not None or config.epochs is not None
+    space_timeout = None if own_size else b["timeout"]
     budget = Budget(trials=config.trials or b["trials"], epochs=config.epochs or b["epochs"],
-                    timeout=b["timeout"] if config.timeout is None else (config.timeout or None),
+                    timeout=space_timeout if config.timeout is None else (config.timeout or None),
                     subset=b["subset"] if config.subset is None else (config.subset or None),
                     patience=b["patience"])
     if config.image_size:

@@ -502,7 +502,9 @@ def declare_hyperparameters(hp, space: Space) -> dict:
     params: dict = {}
     for p in space.params.values():
         with ExitStack() as scopes:
-            for parent, allowed in p.when.items():
+            # Keras Tuner nests scopes and cannot find a second parent declared outside the first's scope: the
+            # first parent's scope is declared, and `p.active` below applies every condition to the values
+            for parent, allowed in list(p.when.items())[:1]:
                 scopes.enter_context(hp.conditional_scope(parent, list(allowed)))
             value = declare_one(hp, p)
         if p.active(params):

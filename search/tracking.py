@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import tempfile
 import time
@@ -25,42 +26,113 @@ from search.stores import redact
 ROLE = "search.role"  # 'invocation' (parent), 'trial', or 'study' (the study-level report run)
 
 
+# A tracking server is asked once, quickly: MLflow's defaults (7 retries with back-off, 120 s per request) would
+# keep a user waiting for minutes before "cannot be reached". Trials later log with MLflow's own defaults.
+SERVER_CHECK = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "4"}
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """Set environment variables for one block, then restore them as they were."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextlib.contextmanager
+def quiet_logger(name: str):
+    """Only errors from one logger during a block (urllib3 warns "Retrying ..." before the answer we report)."""
+    import logging
+
+    logger = logging.getLogger(name)
+    saved = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(saved)
+
+
+@contextlib.contextmanager
+def server_check():
+    """MLflow's HTTP settings for one quick question to a tracking server (SERVER_CHECK), quietly."""
+    with environment(SERVER_CHECK), quiet_logger("urllib3.connectionpool"):
+        yield
+
+
 def connect(tracking_uri: str, attempts: int = 3) -> MlflowClient:
     """A client for the tracking store, checked to answer now (ConfigError if it does not).
 
-    Workers started together race to create a new database's tables; the loser retries after a pause."""
+    Workers started together race to create a new database's tables; the loser retries after a pause. A
+    tracking server (http, https) gets one short try instead: an answer, or a ConfigError, within ~10 s."""
+    server = tracking_uri.startswith(("http://", "https://"))
+    if server:
+        attempts = 1
     if tracking_uri.startswith("sqlite:///"):
         Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(attempts):
         try:
             client = MlflowClient(tracking_uri)
-            client.search_experiments(max_results=1)
+            with server_check() if server else contextlib.nullcontext():
+                client.search_experiments(max_results=1)
             return client
         except Exception as err:  # any driver or HTTP error means the same thing to a user
             if attempt + 1 < attempts:
                 time.sleep(2 + attempt * 2)
                 continue
             raise ConfigError(f"MLflow tracking store {redact(tracking_uri)} cannot be reached: "
-                              f"{type(err).__name__}: {str(err).splitlines()[0][:300]}. Check --tracking-uri "
+                              f"{type(err).__name__}: {short_reason(err)}. Check --tracking-uri "
                               "(default sqlite:///mlruns/mlflow.db) or MLFLOW_TRACKING_URI.") from None
 
 
+def short_reason(err: Exception) -> str:
+    """The gist of a driver's or HTTP library's error: its first line, or only the socket's complaint from
+    urllib3's nested retry story ("[Errno 111] Connection refused", "Read timed out. (read timeout=4)")."""
+    text = str(err).splitlines()[0] if str(err) else ""
+    if "(Caused by " in text:
+        text = re.sub(r"[\"']\)+$", "", text.split("(Caused by ", 1)[1].rsplit(": ", 1)[-1])
+    return text[:300]
+
+
+# The experiment tag MLflow 3's UI reads to choose its view: without it an experiment opens on the GenAI pages
+# (traces, token usage); with it, on the runs, their charts and the model registry.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(client: MlflowClient, study: str, artifact_root: str | None) -> str:
-    """The study's experiment, created on first use with its artifacts under artifact_root."""
+    """The study's experiment, created on first use with its artifacts under artifact_root, and marked as model
+    training (an older experiment without that mark gets it)."""
     found = client.get_experiment_by_name(study)
     if found is not None:
         if found.lifecycle_stage == "deleted":
             client.restore_experiment(found.experiment_id)
+        mark_model_training(client, found)
         return found.experiment_id
     location = Path(artifact_root).resolve().as_uri() if artifact_root else None
     try:
-        return client.create_experiment(study, artifact_location=location)
+        return client.create_experiment(study, artifact_location=location, tags=EXPERIMENT_KIND)
     except mlflow.exceptions.MlflowException:
         # another worker created it between our look-up and our insert: use theirs
         found = client.get_experiment_by_name(study)
         if found is None:
             raise
+        mark_model_training(client, found)
         return found.experiment_id
+
+
+def mark_model_training(client: MlflowClient, experiment) -> None:
+    """Tag an experiment as model training (EXPERIMENT_KIND) unless it already says what it is."""
+    if "mlflow.experimentKind" not in experiment.tags:
+        for key, value in EXPERIMENT_KIND.items():
+            client.set_experiment_tag(experiment.experiment_id, key, value)
 
 
 def start_parent_run(client: MlflowClient, exp_id: str, study: str, settings: dict, environment: dict,
@@ -223,6 +295,38 @@ def pid_alive(pid: str | None) -> bool:
     except PermissionError:
         return True
     return True
+
+
+SYSTEM_METRICS_SECONDS = 10  # a sample of CPU, memory, disk and network every 10 s: nothing a trial would notice
+
+
+def start_system_metrics(run_id: str, tracking_uri: str, interval: float = SYSTEM_METRICS_SECONDS):
+    """Record the machine's CPU, memory, disk and network use on a run (MLflow's `system/...` metrics, one
+    point every `interval` s) from a background thread, until `stop_system_metrics`. None when it cannot start
+    (psutil missing, ...): a trial never fails for want of these figures."""
+    import logging
+
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # "Started monitoring ..." per trial
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, samples_before_logging=1,
+                                       resume_logging=True, tracking_uri=tracking_uri)
+        monitor.start()
+    except Exception:
+        return None
+    return monitor
+
+
+def stop_system_metrics(monitor) -> None:
+    """Stop a monitor from `start_system_metrics` and log what it still holds (None: nothing to do).
+
+    Call it before the run is ended: the monitor's thread also stops by itself once its run is no longer
+    RUNNING, but only at its next sample."""
+    if monitor is None:
+        return
+    with contextlib.suppress(Exception):
+        monitor.finish()
 
 
 def temp_artifact_dir() -> tempfile.TemporaryDirectory:

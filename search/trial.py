@@ -40,7 +40,7 @@ class TrialPlan:
     patience: int
     context: dict                                  # logged with the parameters (dataset, subset, epochs, ...)
     tags: dict                                     # the driver's tags for the trial's run
-    progress: object                               # runners.train.Progress: the console line per epoch
+    progress: object                               # runners.callbacks.Progress: the console line per epoch
     callbacks: list = field(default_factory=list)  # the driver's own Keras callbacks (pruning, Keras Tuner's)
     checkpoint: Path | None = None                 # folder for the training state after every epoch
     deadline: float | None = None                  # Unix seconds: no epoch may end after it (a refit round)
@@ -78,7 +78,7 @@ def run_trial(setup: RunSetup, plan: TrialPlan, run_id: str, *, on_end, ranking)
     import optuna
 
     from runners.protocol import ArchitectureError
-    from runners.train import Deadline, EachEpoch
+    from runners.callbacks import Deadline, EachEpoch
 
     runner, client = setup.runner, setup.client
     logger = EpochLog(client, run_id, plan.first_epoch)

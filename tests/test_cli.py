@@ -95,7 +95,7 @@ def test_results_exports_every_format(tmp_path, cifar_dir, monkeypatch):
 
 
 def test_ctrl_c_during_training_waits_for_the_next_batch_end_then_interrupts():
-    from runners.train import interrupts_at_batch_end
+    from runners.callbacks import interrupts_at_batch_end
 
     # start from Python's own Ctrl-C handler, as in a terminal (a pytest-xdist worker was seen with SIGINT ignored)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)

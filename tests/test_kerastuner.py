@@ -191,3 +191,32 @@ def test_compare_names_an_unknown_study(hyperband_study, capsys):
     _, _, workdir = hyperband_study
     assert results.main(["--workdir", str(workdir), "--compare", "no-such-study"]) == 2
     assert "no study named 'no-such-study'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- every driver with every runner
+
+
+def test_a_kerastuner_trial_is_held_to_the_space_max_mflops(cifar_dir, store, tmp_path):
+    space = write_space(tmp_path, TINY_SPACE.replace("subset: 300}", "subset: 300, max_mflops: 0.001}"))
+    summary = run_search(kt_config(space, cifar_dir, store, tuner="random", trials=2, study_name="too-big"))
+    _, trials, _ = runs_of(store, "too-big")
+    assert summary.counted == 2 and [r.data.tags["search.state"] for r in trials] == ["PRUNED", "PRUNED"]
+    assert "over the space's budget.max_mflops" in trials[0].data.tags["search.reason"]
+
+
+@pytest.mark.slow
+def test_kerastuner_drives_the_transfer_space_registers_its_model_and_reports(dogs_dir, tmp_path):
+    workdir = tmp_path / "mlruns"
+    config = SearchConfig(space="transfer", dataset="stanford_dogs", data_dir=str(dogs_dir), breeds="3",
+                          image_size=96, subset=30, backbone="efficientnet_lite0", driver="kerastuner",
+                          tuner="random", trials=2, epochs=2, workdir=str(workdir))
+    summary = run_search(config)
+    study = "transfer-stanford_dogs-kerastuner"
+    client, trials, _ = runs_of(workdir, study)
+    assert summary.study_name == study and summary.counted == 2 and len(trials) == 2
+    assert all(r.data.tags["search.backbone"] == "efficientnet_lite0" for r in trials
+               if r.data.tags["search.state"] == "COMPLETE")
+    assert client.get_registered_model(f"{study}-best").latest_versions
+    report_runs = client.search_runs([client.get_experiment_by_name(study).experiment_id],
+                                     filter_string="tags.`search.role` = 'study'")
+    assert report_runs and any(a.path == "report" for a in client.list_artifacts(report_runs[0].info.run_id))

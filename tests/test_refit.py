@@ -109,7 +109,7 @@ def test_a_second_round_starts_from_the_first_rounds_weights(cifar_dir, tmp_path
 def test_training_stops_after_the_epoch_that_reaches_its_deadline(cifar_dir, tmp_path):
     from runners import scratch_cnn
     from runners.datasets import load_dataset
-    from runners.train import Deadline, checkpoint_state
+    from runners.callbacks import Deadline, checkpoint_state
     from search import space as spaces
 
     space = spaces.load_space(str(write_space(tmp_path, TINY_SPACE)))
@@ -197,3 +197,70 @@ def test_the_refit_fills_the_time_left_with_epochs_of_the_best_trials_measured_l
     # 5 s of building and testing, then 9 epochs planned at 10 s plus the 5% margin (10 would need 110 s)
     assert refit_plan(best, remaining=100) == (9, 99.5)
     assert refit_plan(best, remaining=15) == (2, 26.0)   # never fewer epochs than the best trial ran
+
+
+def test_a_run_sized_by_its_own_flags_ignores_the_space_time_budget_and_does_not_refit(tmp_path):
+    from search.setup import resolve_space
+
+    space = write_space(tmp_path, TINY_SPACE.replace("subset: 300}", "subset: 300, timeout: 600}"))
+    budget = lambda **flags: resolve_space(SearchConfig(space=str(space), **flags))[2]  # noqa: E731
+    assert budget().timeout == 600                             # the space's budget, refit included
+    assert budget(trials=2, epochs=1).timeout is None          # a short run: no time budget, no refit
+    assert budget(epochs=1).timeout is None and budget(trials=2).timeout is None
+    assert budget(trials=2, timeout=30).timeout == 30          # an explicit --timeout still holds
+    assert refit_fraction(SearchConfig(), budget(trials=2, epochs=1).timeout, ["val_accuracy"]) == 0.0
+
+
+def test_the_progress_line_never_counts_past_the_target_and_its_best_moves():
+    import logging
+
+    from runners.callbacks import Progress
+
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("search")
+    logger.addHandler(handler)
+    level, logger.level = logger.level, logging.INFO
+    try:
+        Progress(2, position=3, target=2, epochs=2, best=0.10).on_epoch_end(
+            0, {"val_accuracy": 0.21, "loss": 1.0, "accuracy": 0.2})
+        Progress(5, position=9, target=2, epochs=4, best=0.3, where="refit round 1").on_epoch_end(
+            0, {"val_accuracy": 0.2})
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert "(2 of 2)" in lines[0] and "best so far 0.2100" in lines[0]
+    assert "trial 5 (refit round 1) epoch 1/4" in lines[1] and "best so far 0.3000" in lines[1]
+
+
+@pytest.mark.slow
+def test_a_time_budgeted_run_measures_the_machine_and_logs_it_on_the_parent_run(cifar_dir, tmp_path):
+    space = write_space(tmp_path, TINY_SPACE)
+    summary = run_search(SearchConfig(space=str(space), data_dir=str(cifar_dir), workdir=str(tmp_path / "mlruns"),
+                                      timeout=30, trials=3, epochs=1))
+    parent = MlflowClient(summary.tracking_uri).get_run(summary.parent_run_id)
+    assert parent.data.metrics["machine_matmul_gflops"] > 1 and parent.data.metrics["machine_images_per_second"] > 1
+    assert parent.data.metrics["machine_mflops_per_image"] > 0 and parent.data.tags["search.precision"]
+    assert "search.exploration" not in parent.data.tags  # a fast machine explores
+
+
+def test_on_a_machine_too_slow_to_explore_the_default_trains_for_the_whole_budget(cifar_dir, tmp_path, monkeypatch):
+    from search import plan
+    from search.drivers import optuna_driver
+
+    def slow_machine(setup, precision):  # what a 2-core laptop without bfloat16 measures for a big default
+        return plan.Speed(150.0, 5.0, 268.0, 4.0, precision, epoch_seconds=30.0, setup_seconds=5.0)
+
+    monkeypatch.setattr(optuna_driver, "measure_machine", slow_machine)
+    space = write_space(tmp_path, TINY_SPACE)
+    summary = run_search(SearchConfig(space=str(space), data_dir=str(cifar_dir), workdir=str(tmp_path / "mlruns"),
+                                      timeout=60, trials=3, epochs=1))
+    study = optuna.load_study(study_name=summary.study_name, storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
+    ran = [t for t in study.trials if t.state != TrialState.WAITING]
+    # exploration's 12 s cannot hold one 35 s trial: one trial, the default, planned for the budget's 60 s
+    assert len(ran) == 1 and ran[0].user_attrs["refit_of"] == "default" and ran[0].state == TrialState.COMPLETE
+    assert ran[0].user_attrs["epochs"] == 1  # (60 - 5 - 5) // 30
+    parent = MlflowClient(summary.tracking_uri).get_run(summary.parent_run_id)
+    assert parent.data.tags["search.exploration"].startswith("skipped")
+    assert summary.best_trial == ran[0].number

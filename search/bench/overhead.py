@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import platform
 import tempfile
-import time
 from pathlib import Path
 
 import optuna
+
+from runners.speed import matmul_gflops  # noqa: F401  (the benchmarks import it from here too)
 
 
 def cpu_name() -> str:
@@ -24,19 +25,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
-
-
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """The machine's float32 matrix-multiply rate (GFLOP/s), best of a few runs."""
-    import numpy as np
-
-    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        a @ a
-        best = min(best, time.perf_counter() - started)
-    return 2 * n ** 3 / best / 1e9
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,10 +8,12 @@ Runs, one after the other on the same machine and data, each for the same wall-c
              time-budgeted run; the space's defaults tried first; the last 80% of the budget refits the best,
              in a round that ends at half the budget and a warm restart from it);
   random     random search, no pruner, no default trial, no refit;
+  default    the space's default configuration trained once for the whole budget, with the refit's schedule
+             (epochs planned from a timed first epoch, stopped at the budget): the yardstick the search must beat;
   baseline   the space's best hand-made baseline (search.space.baseline_trials), trained once;
   reference  a plain CNN a skilled Keras user would write without any search (REFERENCE below), trained once.
 A single training's epoch count comes from a timed first epoch, so its learning-rate schedule spans the
-budget; if its epochs slow down it stops at the budget's end (runners.train.Deadline), as the search's refit
+budget; if its epochs slow down it stops at the budget's end (runners.callbacks.Deadline), as the search's refit
 does. Each arm's curve (elapsed seconds, best validation accuracy so far, test accuracy of that model) goes
 to <out>/<arm>.csv, its facts (machine rate before it, training rate) to <out>/<arm>.json. The table and the
 plot <out>/search_benchmark.png are drawn from every arm saved under --out, so a long benchmark can be run one
@@ -36,9 +38,10 @@ from runners.train import forward_flops
 from search.bench.overhead import matmul_gflops
 from search.bench.transfer import cpu_name, has_avx512
 
-ARMS = ("search", "random", "baseline", "reference")
+ARMS = ("search", "random", "default", "baseline", "reference")
 DESCRIPTIONS = {"search": "harness default search (TPE + Hyperband, then refit)",
                 "random": "random search, no pruner",
+                "default": "the space's default, trained once for the budget",
                 "baseline": "best hand-made baseline, trained once",
                 "reference": "plain reference CNN, trained once"}
 # the search arms: SearchConfig settings besides the shared ones (the rest are the harness's defaults)
@@ -246,7 +249,8 @@ def run_single_arm(arm: str, args: argparse.Namespace) -> tuple[list, dict]:
     """One configuration trained once for the budget: a timed first epoch sets the epoch count."""
     from runners import scratch_cnn
     from runners.datasets import load_dataset
-    from runners.train import Deadline, release
+    from runners.callbacks import Deadline
+    from runners.train import release
     from search import space as spaces
 
     space = spaces.load_space("scratch_cnn", args.dataset)
@@ -289,6 +293,9 @@ def single_arm_params(arm: str, space, args: argparse.Namespace) -> tuple[str, d
     from search import space as spaces
     from search.errors import ConfigError
 
+    if arm == "default":
+        name, params = f"the space's default ({args.dataset})", spaces.default_params(space)
+        return name, params | ({"image_size": args.image_size} if args.image_size else {})
     if arm == "baseline":
         trials = spaces.baseline_trials(space)
         if not trials:
@@ -323,7 +330,7 @@ def best_so_far(arm: str, data, params: dict, started: float, budget: float):
             self.started, self.epochs, self.best_val, self.test = started, 1, -1.0, math.nan
             self.curve: list[tuple[float, float, float]] = []
             self.test_seconds = 0.0  # spent on test passes, not training
-            self.epoch_seconds: list[float] = []  # each epoch's training and validation (runners.train.EpochClock)
+            self.epoch_seconds: list[float] = []  # each epoch's training and validation (runners.callbacks.EpochClock)
 
         def on_epoch_end(self, epoch, logs=None):
             logs = logs or {}

@@ -39,7 +39,7 @@ from search.errors import SearchAborted
 from search.finish import BestTrial, SearchSummary, finish_invocation
 from search.setup import RunSetup
 from search.stopping import FailureStreak
-from search.trial import TrialPlan, TrialRejected, open_run, run_trial
+from search.trial import TrialPlan, open_run, run_trial
 
 log = logging.getLogger("search")
 KT_VALUES = {"tuner/epochs": "kerastuner.epochs", "tuner/initial_epoch": "kerastuner.initial_epoch",
@@ -113,7 +113,7 @@ class TrackedTrials:
 
     def run_trial(self, trial, *args, **kwargs):
         """Plan the trial from the tuner's values, run it through the lifecycle, return its objective."""
-        from runners.train import Progress
+        from runners.callbacks import Progress
 
         setup, number = self.setup, int(trial.trial_id)
         params = spaces.declare_hyperparameters(trial.hyperparameters.copy(), setup.space)
@@ -242,6 +242,9 @@ def hyperband_trials_per_iteration(max_epochs: int, factor: int = HYPERBAND_FACT
 
 def make_tuner(setup: TunerSetup):
     """The chosen tuner over the space, its state under <workdir>/kerastuner/<study>/ (reloaded if there)."""
+    from keras_tuner.src import config as kt_config
+
+    kt_config.DEBUG = False  # its default prints a failed trial's traceback; the lifecycle logs one line instead
     common = dict(hypermodel=SpaceHyperModel(setup.space), objective=kt.Objective("val_accuracy", "max"),
                   seed=setup.config.seed, directory=str(setup.directory), project_name=setup.study_name,
                   overwrite=False, max_consecutive_failed_trials=10 ** 9)  # failures in a row are ours to count
@@ -297,6 +300,7 @@ def run_kerastuner_search(run: RunSetup) -> SearchSummary:
         raise
     finally:
         summary.trials_run, summary.counted, summary.stopped = tuner.trials_run, counted(tuner.oracle), tuner.stopped
+        setup.background.shutdown(wait=True)  # every completed trial's run is closed before the best is looked up
         finish_invocation(setup, parent, summary, status, best_trial(setup, tuner.oracle))
     if summary.stopped == "timeout":
         log.info(f"time budget of {setup.timeout:.0f} s reached after {summary.counted} of {setup.target} trials; "

