@@ -1,4 +1,20 @@
-"""What executes a trial: the data (datasets, splits, input pipeline, augmentation), the model, training."""
+"""What executes a trial, knowing nothing of the search above it (it takes plain values, raises its own errors).
+
+    protocol.py     the Runner contract every model module fulfils: narrow_choices, train_and_evaluate,
+                    measure_speed, release; RunnerConfigError and ArchitectureError
+    datasets.py     splits (official ones kept, the rest by a stable hash), subsets, the decoded-image cache
+    cifar10.py      CIFAR-10 from a download, Keras's cache or a local copy
+    photos.py       photo folders and Stanford Dogs: listing, safe archives, decoding any image file
+    pipeline.py     tf.data batches with albumentations (augment.py) for training and evaluation
+    scratch_cnn.py  a CNN from random initialisation (generated, or spelled out under `architectures:`)
+    transfer.py     an ImageNet backbone with a trained head; features.py caches its embeddings; lite.py reads
+                    EfficientNet-Lite's PyTorch weights
+    train.py        fit with early stopping and resumable checkpoints, test evaluation
+    callbacks.py    epoch hook, deadline, progress line, checkpoints, Ctrl-C at a batch end
+    speed.py        the machine's matmul rate and a configuration's measured training speed
+    digest.py       file digests (downloads, weights tags, the feature cache)
+    device.py       GPUs, precision (bfloat16 where the CPU multiplies it natively)
+"""
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out of progress output

@@ -1,7 +1,23 @@
-"""Hyperparameter search for image classifiers: Optuna suggests, runners/ train with Keras, MLflow records.
+"""Hyperparameter search for image classifiers: Optuna (or Keras Tuner) suggests, runners/ train with Keras,
+MLflow records. The path of data, one module a job:
 
-The path of data, one module each: `space` reads a space file, `study` drives Optuna, `runners/` build
-data and models and train, `tracking` logs to MLflow, `results` reads the stores back into tables.
+    run.py        the command line, a thin layer over drivers.run_search(SearchConfig)
+    config.py     SearchConfig and every tuning constant, with units; the numeric settings' ranges
+    space.py      read and check a space file once; suggest_params, declare_hyperparameters
+    setup.py      what every driver settles before trial one: space, runner, data, MLflow (ConfigError here)
+    stores.py     Optuna storages and study lookup, MLflow store URIs
+    plan.py       measure the machine, then plan what a time budget can hold
+    drivers/      optuna_driver.py (the Optuna loop), kerastuner_driver.py (Keras Tuner over the same trials)
+    sampling.py   samplers, pruners, objectives, constraints
+    trial.py      one trial's lifecycle, for both drivers: MLflow run, runner, metrics, end state, kept models
+    recovery.py   checkpoints, dead and interrupted trials taken over
+    refit.py      the best configuration retrained for the rest of the budget
+    stopping.py   failure streak, study patience, memory watch
+    finish.py     the end of an invocation: best trial, registered model, report
+    tracking.py   MLflow calls
+    results.py, tables.py, report.py, evaluation.py, registry.py, disk.py   what people read afterwards
+    predict.py, breed_classifier.py   the registered model on photos
+    bench/        benchmark commands that print tables
 
 Importing the package sets what keeps the console readable, before anything imports TensorFlow or MLflow
 (each only where it is not set already, so a user's own setting wins).

@@ -6,6 +6,7 @@ does exactly that. What a space searches (parameters, budget, fidelity) lives in
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +62,53 @@ class SearchConfig:
         return path
 
 
+# Every numeric setting's range, checked before anything is imported, opened or written (by the command line right
+# after parsing, by search.drivers.run_search for a notebook's SearchConfig):
+# flag -> (whole number?, lowest value, is the lowest value itself allowed?, what it means when it helps).
+RANGES = {
+    "trials": (True, 1, True, ""),
+    "timeout": (False, 0, True, "seconds; 0 = no limit"),
+    "epochs": (True, 1, True, ""),
+    "subset": (True, 0, True, "images per split; 0 = all"),
+    "image_size": (True, 8, True, "pixels: a smaller input leaves nothing for the convolutions"),
+    "max_failures": (True, 1, True, ""),
+    "keep_models": (True, 1, True, "the best trial's model is always kept"),
+    "workers": (True, 1, True, ""),
+    "seed": (True, 0, True, ""),
+    "max_params": (True, 0, False, ""),
+    "max_inference_ms": (False, 0, False, "milliseconds per test image"),
+    "max_memory_growth": (False, 0, False, "MB"),
+    "study_patience": (True, 1, True, "completed trials"),
+    "within": (False, 0, False, "minutes"),
+    "min_improvement": (False, 0, True, "validation accuracy, 0 = any gain"),
+}
+
+
+def range_problems(values: dict) -> list[str]:
+    """What is out of range among the numeric settings (a parsed command line's or a SearchConfig's vars()),
+    one message per flag, naming it: `--trials -1: give a whole number of at least 1`. None is "not given"."""
+    problems = []
+    for name, (whole, low, inclusive, note) in RANGES.items():
+        value = values.get(name)
+        if value is None:
+            continue
+        if whole:
+            wanted = f"a whole number of at least {low if inclusive else low + 1}"
+            bad = isinstance(value, bool) or int(value) != value or value < low or (value == low and not inclusive)
+        else:
+            wanted = f"a number {'of at least' if inclusive else 'above'} {low:g}"
+            bad = not math.isfinite(value) or value < low or (value == low and not inclusive)
+        if bad:
+            flag = "--" + name.replace("_", "-")
+            shown = f"{value:g}" if isinstance(value, float) else value
+            problems.append(f"{flag} {shown}: give {wanted}" + (f" ({note})" if note else ""))
+    name, colon, k = (values.get("warm_start") or "").partition(":")
+    if (colon and not (k.isdigit() and int(k) >= 1)) or (values.get("warm_start") is not None and not name):
+        problems.append(f"--warm-start {values['warm_start']}: give STUDY or STUDY:K, K a whole number of at "
+                        "least 1 (the K best configurations of STUDY)")
+    return problems
+
+
 # What a study can optimise: the first is always validation accuracy; the others are costs to minimise,
 # each read from a completed trial's metrics.
 OBJECTIVES = {"val_accuracy": ("maximize", "best_val_accuracy"), "train_seconds": ("minimize", "train_seconds"),
@@ -82,6 +130,7 @@ REFIT_EPOCH_MARGIN = 1.05  # the refit plans its epochs 5% slower than measured:
 
 # Samplers and pruners (search/sampling.py).
 TPE_STARTUP = (3, 10, 3)  # TPE's random start-up trials: target // 3, at least 3 and at most 10 (trials)
+BAYESIAN_STARTUP = (2, 10, 3)  # Keras Tuner's Gaussian process: random points first, target // 3 in 2..10 (trials)
 MEDIAN_STARTUP_TRIALS = 3  # the median pruner prunes nothing until this many trials have finished (trials)
 MEDIAN_WARMUP_EPOCHS = 1   # ... nor before a trial's second epoch (epochs)
 HYPERBAND_FACTOR = 3       # Hyperband's reduction factor when the space's `fidelity` does not give one: a third of
@@ -89,6 +138,12 @@ HYPERBAND_FACTOR = 3       # Hyperband's reduction factor when the space's `fide
 HEARTBEAT_SECONDS = 30     # server databases: a worker beats this often; three missed beats declare its trial dead
                            # and Optuna retries it (SEARCH_HEARTBEAT_SECONDS overrides it, tests shorten it)
 HEARTBEAT_RETRIES = 2      # how often a dead worker's trial is retried
+WARM_START_TRIALS = 5      # --warm-start STUDY without :K carries the K best configurations of STUDY
+TARGET_WAIT_SECONDS = 2    # a trial that may be surplus (workers racing for the last trials) looks again this often
+
+# MLflow (search/tracking.py).
+SYSTEM_METRICS_SECONDS = 10  # a sample of CPU, memory, disk and network per trial run every 10 s: nothing a
+                             # trial would notice, and a 30 s trial still gets its figures
 
 # Data (search/setup.py).
 DATA_SIZES_KEPT = 2        # image sizes a study keeps loaded at once: a dogs study at 3 sizes held 3 copies (GB)

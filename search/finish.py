@@ -2,11 +2,13 @@
 registered as `<study>-best`, the study report, the parent run closed."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
 
 from search import tracking
+from search.errors import SearchAborted
 from search.setup import RunSetup, class_names
 
 log = logging.getLogger("search")
@@ -39,6 +41,23 @@ class BestTrial:
     value: float
     params: dict
     run_id: str | None
+
+
+@contextlib.contextmanager
+def closed_invocation(finish):
+    """Run the block, then `finish(status)` whatever happens: FINISHED, KILLED after Ctrl-C, FAILED when too many
+    trials failed (the exception still goes up)."""
+    status = "FINISHED"
+    try:
+        yield
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except SearchAborted:
+        status = "FAILED"
+        raise
+    finally:
+        finish(status)
 
 
 def finish_invocation(setup: RunSetup, parent: str, summary: SearchSummary, status: str, best: BestTrial | None,

@@ -8,6 +8,8 @@ the same trial returns the version that already holds it.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import warnings
 from importlib import metadata
@@ -66,8 +68,10 @@ def log_classifier(client: MlflowClient, run_id: str, keras_path: Path, class_na
     with temp_artifact_dir() as scratch:
         labels = Path(scratch) / "labels.json"
         labels.write_text(json.dumps({"class_names": list(class_names), "image_size": int(image_size)}))
+        # MLflow prints "Successfully registered model ..." and "Created version ..." itself; the search logs
+        # one line naming the version instead
         with fluent_api(client.tracking_uri), mlflow.start_run(run_id=run_id, nested=True), \
-                warnings.catch_warnings():
+                warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")  # MLflow's advice on type hints and input examples, for every model
             return mlflow.pyfunc.log_model(
                 name=MODEL_NAME, python_model=str(MODEL_CODE), code_paths=[str(preprocessing_code())],

@@ -22,7 +22,7 @@ import pandas as pd
 
 from search.stores import tracking_uri as resolve_tracking_uri
 from search.errors import ConfigError
-from search.tables import FORMATS, PARETO_COSTS, importances, pareto_front, side_by_side, to_text  # noqa: F401
+from search.tables import FORMATS, importances, pareto_front, side_by_side, to_text
 
 STATE_ORDER = {"COMPLETE": 0, "PRUNED": 1, "FAIL": 2, "KILLED": 3, "RUNNING": 4}
 METRICS = {"best_val_accuracy": "val_accuracy", "test_accuracy": "test_accuracy",
@@ -347,188 +347,10 @@ def print_comparison(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------- disk: what a study keeps, and pruning it
-
-MB = 1024 * 1024
-
-
-def folder_bytes(path: Path) -> int:
-    """Bytes of the files under a folder (or of one file); 0 when it does not exist."""
-    if path.is_file():
-        return path.stat().st_size
-    if not path.is_dir():
-        return 0
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
-
-
-def local_path(uri: str | None) -> Path | None:
-    """The folder behind a local artifact URI (file:// or a plain path); None for a server's or a cloud's."""
-    if not uri:
-        return None
-    if uri.startswith("file:"):
-        from mlflow.utils.file_utils import local_file_uri_to_path
-
-        return Path(local_file_uri_to_path(uri))
-    return None if "://" in uri or uri.startswith(("mlflow-artifacts:", "models:", "runs:")) else Path(uri)
-
-
-def existing_store(tracking_uri: str | None, workdir: str) -> str | None:
-    """The MLflow store to read, or None when its SQLite file does not exist (asking must not create it)."""
-    uri = resolve_tracking_uri(tracking_uri, workdir)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        return None
-    return uri
-
-
-def study_runs(client, experiment_id: str) -> list:
-    """Every run of an experiment, all pages."""
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], max_results=1000, page_token=token)
-        runs += list(page)
-        token = page.token
-        if not token:
-            return runs
-
-
-def study_artifact_folders(client, name: str) -> dict[str, Path]:
-    """The local artifact folders of a study's runs and logged models (run id or model id -> folder)."""
-    found = client.get_experiment_by_name(name)
-    if found is None:
-        return {}
-    folders = {run.info.run_id: local_path(run.info.artifact_uri) for run in study_runs(client, found.experiment_id)}
-    try:
-        for model in client.search_logged_models([found.experiment_id]):
-            folders[model.model_id] = local_path(model.artifact_location)
-    except Exception:  # a store without logged models (an older server)
-        pass
-    return {key: path for key, path in folders.items() if path is not None}
-
-
-def disk_usage(studies: list[str] | None, tracking_uri: str | None = None, workdir: str = "mlruns") -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per study, what it keeps under the workdir in MB (kept models, MLflow artifacts, checkpoints, Keras Tuner
-    files, reports), and the shared rest (caches, stores). `studies` None: every study found."""
-    root = Path(workdir).expanduser()
-    uri = existing_store(tracking_uri, workdir)
-    client = None
-    if uri is not None:
-        from search.tracking import connect
-
-        client = connect(uri)
-    known = sorted(e.name for e in client.search_experiments() if e.name != "Default") if client else []
-    if studies is None:  # also the folders of studies MLflow does not know (another store, a deleted experiment)
-        on_disk = {p.name for kind in ("models", "checkpoints", "kerastuner") if (root / kind).is_dir()
-                   for p in (root / kind).iterdir() if p.is_dir()}
-        studies = sorted(set(known) | on_disk)
-    elif client is not None:
-        unknown = [name for name in studies if name not in known and not (root / "models" / name).is_dir()]
-        if unknown:
-            raise ConfigError(f"no study named {', '.join(repr(n) for n in unknown)} in MLflow store "
-                              f"{client.tracking_uri}. Known studies: {', '.join(known) or 'none'}.")
-    rows = []
-    for name in studies:
-        models = sorted((root / "models" / name).glob("*.keras"))
-        artifacts = study_artifact_folders(client, name) if client is not None and name in known else {}
-        row = {"study": name, "kept_models": len(models),
-               "models_mb": sum(folder_bytes(m) for m in models) / MB,
-               "artifacts_mb": sum(folder_bytes(path) for path in artifacts.values()) / MB,
-               "checkpoints_mb": folder_bytes(root / "checkpoints" / name) / MB,
-               "kerastuner_mb": folder_bytes(root / "kerastuner" / name) / MB,
-               "reports_mb": (folder_bytes(root / "reports" / f"{name}.html") + folder_bytes(root / "reports" / name)) / MB}
-        row["total_mb"] = sum(v for k, v in row.items() if k.endswith("_mb"))
-        rows.append(row)
-    table = pd.DataFrame(rows, columns=["study", "kept_models", "models_mb", "artifacts_mb", "checkpoints_mb",
-                                        "kerastuner_mb", "reports_mb", "total_mb"])
-    shared = pd.DataFrame([
-        {"what": "image cache (cache/images)", "mb": folder_bytes(root / "cache" / "images") / MB},
-        {"what": "feature cache (cache/features)", "mb": folder_bytes(root / "cache" / "features") / MB},
-        {"what": "stores (mlflow.db, optuna.db, optuna.journal)",
-         "mb": sum(folder_bytes(root / f) for f in ("mlflow.db", "optuna.db", "optuna.journal")) / MB},
-        {"what": f"everything under {root}/", "mb": folder_bytes(root) / MB},
-    ])
-    return table, shared
-
-
-def live_trial_runs(client, experiment_id: str) -> list[str]:
-    """pids of this machine's processes still running trials of an experiment."""
-    import socket
-
-    from search.tracking import open_runs, pid_alive
-
-    host = socket.gethostname()
-    return [run.data.tags.get("search.pid", "?") for run in open_runs(client, experiment_id)
-            if run.data.tags.get("search.host") == host and pid_alive(run.data.tags.get("search.pid"))]
-
-
-def prune_study(name: str, tracking_uri: str | None = None, workdir: str = "mlruns") -> dict:
-    """Free a finished study's disk: its kept models except the best trial's, the MLflow artifacts of its pruned
-    and failed trials (their runs are tagged search.artifacts_pruned), its empty checkpoint folders. What was
-    removed, with the bytes freed; ConfigError for an unknown or running study."""
-    import shutil
-
-    from search.tracking import connect, set_tags
-
-    root = Path(workdir).expanduser()
-    uri = existing_store(tracking_uri, workdir)
-    client = connect(uri) if uri else None
-    found = client.get_experiment_by_name(name) if client else None
-    if found is None:
-        known = sorted(e.name for e in client.search_experiments() if e.name != "Default") if client else []
-        raise ConfigError(f"no study named '{name}' in MLflow store {uri or resolve_tracking_uri(tracking_uri, workdir)}. "
-                          f"Known studies: {', '.join(known) or 'none'}.")
-    running = live_trial_runs(client, found.experiment_id)
-    if running:
-        raise ConfigError(f"study {name} is running (process {', '.join(sorted(set(running)))}); "
-                          "prune it once it has stopped")
-    table = leaderboard([name], tracking_uri, workdir)
-    complete = table[table["state"] == "COMPLETE"]
-    if "feasible" in complete:
-        complete = complete[complete["feasible"] != False]  # noqa: E712 (NaN: no constraints, feasible)
-    best = int(complete["trial"].iloc[0]) if not complete.empty else None
-    done = {"study": name, "best_trial": best, "models": [], "models_bytes": 0, "artifact_trials": [],
-            "artifacts_bytes": 0, "checkpoint_folders": 0}
-    if best is not None:  # without a completed trial no model was kept, and none is the best: leave them
-        for path in sorted((root / "models" / name).glob("trial-*.keras")):
-            if path.name != f"trial-{best}.keras":
-                done["models_bytes"] += folder_bytes(path)
-                done["models"].append(path.name)
-                path.unlink()
-    ended = table[table["state"].isin(["PRUNED", "FAIL"])]
-    for number, run_id in zip(ended["trial"], ended["run_id"]):
-        folder = local_path(client.get_run(run_id).info.artifact_uri)
-        size = folder_bytes(folder) if folder else 0
-        if folder and folder.is_dir() and size:
-            shutil.rmtree(folder)
-            done["artifacts_bytes"] += size
-            done["artifact_trials"].append(int(number))
-            set_tags(client, run_id, {"search.artifacts_pruned": "true"})
-    checkpoints = root / "checkpoints" / name
-    if checkpoints.is_dir():
-        for folder in sorted((p for p in checkpoints.rglob("*") if p.is_dir()), key=lambda p: len(p.parts),
-                             reverse=True) + [checkpoints]:
-            if not any(folder.iterdir()):
-                folder.rmdir()
-                done["checkpoint_folders"] += 1
-    return done
-
-
-def prune_text(done: dict) -> str:
-    """What prune_study removed, for people."""
-    kept = f"trial {done['best_trial']}'s model, the best, is kept" if done["best_trial"] is not None \
-        else "no completed trial: models left as they are"
-    lines = [f"pruned study {done['study']} ({kept}):",
-             f"  {len(done['models'])} kept model(s) removed, {done['models_bytes'] / MB:.1f} MB"
-             + (f": {', '.join(done['models'])}" if done["models"] else ""),
-             f"  artifacts of {len(done['artifact_trials'])} pruned or failed trial(s) removed, "
-             f"{done['artifacts_bytes'] / MB:.1f} MB"
-             + (f": trials {', '.join(map(str, done['artifact_trials']))}" if done["artifact_trials"] else ""),
-             f"  {done['checkpoint_folders']} empty checkpoint folder(s) removed",
-             f"freed {(done['models_bytes'] + done['artifacts_bytes']) / MB:.1f} MB"]
-    return "\n".join(lines)
-
-
 def print_disk(args: argparse.Namespace) -> int:
-    """--disk: the footprint table; --prune STUDY: prune, then say what was freed. Exit 2 on a bad study."""
+    """--disk: the footprint tables; --prune STUDY: prune, then say what was freed. Exit 2 for a bad study."""
+    from search.disk import disk_usage, prune_study, prune_text
+
     try:
         if args.prune:
             print(prune_text(prune_study(args.prune, args.tracking_uri, args.workdir)))
@@ -537,10 +359,8 @@ def print_disk(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    fmt = args.format if args.format != "latex" else "md"
-    print(to_text(table, fmt) if not table.empty else "no study has files here")
-    print()
-    print(to_text(shared, fmt))
+    fmt = "md" if args.format == "latex" else args.format
+    print(to_text(table, fmt) if not table.empty else "no study has files here", to_text(shared, fmt), sep="\n\n")
     return 0
 
 

@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import os
 import signal
 import sys
 import threading
 from dataclasses import fields
 
-from search.config import SearchConfig
+from search.config import SearchConfig, range_problems
 from search.errors import ConfigError, SearchAborted
 
 BUDGET_STARTED = "SEARCH_BUDGET_STARTED"  # passes the time budget's start to the process that replaces this one
@@ -29,52 +28,6 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"error: {message} (python -m search.run --help lists the flags)\n")
-
-
-# Every numeric flag's range, checked right after parsing (before anything is imported, opened or written):
-# flag -> (whole number?, lowest value, is the lowest value itself allowed?, what it means when it helps).
-RANGES = {
-    "trials": (True, 1, True, ""),
-    "timeout": (False, 0, True, "seconds; 0 = no limit"),
-    "epochs": (True, 1, True, ""),
-    "subset": (True, 0, True, "images per split; 0 = all"),
-    "image_size": (True, 8, True, "pixels: a smaller input leaves nothing for the convolutions"),
-    "max_failures": (True, 1, True, ""),
-    "keep_models": (True, 1, True, "the best trial's model is always kept"),
-    "workers": (True, 1, True, ""),
-    "seed": (True, 0, True, ""),
-    "max_params": (True, 0, False, ""),
-    "max_inference_ms": (False, 0, False, "milliseconds per test image"),
-    "max_memory_growth": (False, 0, False, "MB"),
-    "study_patience": (True, 1, True, "completed trials"),
-    "within": (False, 0, False, "minutes"),
-    "min_improvement": (False, 0, True, "validation accuracy, 0 = any gain"),
-}
-
-
-def range_problems(values: dict) -> list[str]:
-    """What is out of range among the numeric settings (a parsed command line's or a SearchConfig's vars()),
-    one message per flag, naming it: `--trials -1: give a whole number of at least 1`. None is "not given"."""
-    problems = []
-    for name, (whole, low, inclusive, note) in RANGES.items():
-        value = values.get(name)
-        if value is None:
-            continue
-        if whole:
-            wanted = f"a whole number of at least {low if inclusive else low + 1}"
-            bad = isinstance(value, bool) or int(value) != value or value < low or (value == low and not inclusive)
-        else:
-            wanted = f"a number {'of at least' if inclusive else 'above'} {low:g}"
-            bad = not math.isfinite(value) or value < low or (value == low and not inclusive)
-        if bad:
-            flag = "--" + name.replace("_", "-")
-            shown = f"{value:g}" if isinstance(value, float) else value
-            problems.append(f"{flag} {shown}: give {wanted}" + (f" ({note})" if note else ""))
-    name, colon, k = (values.get("warm_start") or "").partition(":")
-    if (colon and not (k.isdigit() and int(k) >= 1)) or (values.get("warm_start") is not None and not name):
-        problems.append(f"--warm-start {values['warm_start']}: give STUDY or STUDY:K, K a whole number of at "
-                        "least 1 (the K best configurations of STUDY)")
-    return problems
 
 
 def parser() -> argparse.ArgumentParser:

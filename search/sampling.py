@@ -13,8 +13,8 @@ import optuna
 from optuna.trial import TrialState
 
 from search import space as spaces
-from search.config import (MEDIAN_STARTUP_TRIALS, MEDIAN_WARMUP_EPOCHS, OBJECTIVES, REFIT_AUTO, REFIT_MAX,
-                           TPE_STARTUP, SearchConfig)
+from search.config import (HYPERBAND_FACTOR, MEDIAN_STARTUP_TRIALS, MEDIAN_WARMUP_EPOCHS, OBJECTIVES, REFIT_AUTO,
+                           REFIT_MAX, TPE_STARTUP, SearchConfig)
 from search.errors import ConfigError
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts toward --trials
@@ -44,7 +44,8 @@ def sampler_seed(seed: int, trials_so_far: int, shared: bool) -> int:
     return int(np.random.SeedSequence(parts).generate_state(1)[0])
 
 
-def make_pruner(name: str, epochs: int, min_epochs: int = 1, factor: int = 3) -> optuna.pruners.BasePruner:
+def make_pruner(name: str, epochs: int, min_epochs: int = 1,
+                factor: int = HYPERBAND_FACTOR) -> optuna.pruners.BasePruner:
     """median | hyperband | sha | none, over epochs as the resource (the space's `fidelity`)."""
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=MEDIAN_STARTUP_TRIALS, n_warmup_steps=MEDIAN_WARMUP_EPOCHS)

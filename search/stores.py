@@ -1,4 +1,5 @@
-"""Where a study lives: Optuna storages (SQLite, a journal file, a database server) and MLflow store URIs.
+"""Where a study lives: Optuna storages (SQLite, a journal file, a database server), MLflow store URIs, and the
+files it keeps under the workdir (what `search.results --disk` measures and `--prune` removes).
 
 Defaults (conventions.md): Optuna `sqlite:///<workdir>/optuna.db`, MLflow `sqlite:///<workdir>/mlflow.db`, two
 databases (both keep an `alembic_version` table); `--storage PATH` (no `://`) is Optuna's journal file, and
@@ -56,6 +57,12 @@ def default_optuna_stores(workdir: str | Path = "mlruns") -> list[str]:
 def tracking_uri(config_uri: str | None, workdir: str | Path = "mlruns") -> str:
     """--tracking-uri, else MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db."""
     return config_uri or os.environ.get("MLFLOW_TRACKING_URI") or sqlite_url(Path(workdir).expanduser() / "mlflow.db")
+
+
+def existing_tracking_store(config_uri: str | None, workdir: str | Path = "mlruns") -> str | None:
+    """The MLflow store to read, or None when its SQLite file does not exist (a question must not create it)."""
+    uri = tracking_uri(config_uri, workdir)
+    return None if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file() else uri
 
 
 def artifact_root(uri: str, workdir: str | Path = "mlruns") -> str | None:

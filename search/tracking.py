@@ -21,6 +21,7 @@ from mlflow.entities import Dataset as MlflowDataset
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 
 from search.errors import ConfigError
+from search.config import SYSTEM_METRICS_SECONDS
 from search.stores import redact
 
 ROLE = "search.role"  # 'invocation' (parent), 'trial', or 'study' (the study-level report run)
@@ -286,6 +287,13 @@ def close_orphans(client: MlflowClient, exp_id: str, live: set[tuple[str, str]])
     return closed
 
 
+def live_runs_here(client: MlflowClient, exp_id: str) -> list[str]:
+    """The pids of this machine's processes that still have a run of the experiment open."""
+    host = socket.gethostname()
+    return sorted({run.data.tags.get("search.pid", "?") for run in open_runs(client, exp_id)
+                   if run.data.tags.get("search.host") == host and pid_alive(run.data.tags.get("search.pid"))})
+
+
 def pid_alive(pid: str | None) -> bool:
     """True when a process with this pid exists on this machine."""
     try:
@@ -295,9 +303,6 @@ def pid_alive(pid: str | None) -> bool:
     except PermissionError:
         return True
     return True
-
-
-SYSTEM_METRICS_SECONDS = 10  # a sample of CPU, memory, disk and network every 10 s: nothing a trial would notice
 
 
 def start_system_metrics(run_id: str, tracking_uri: str, interval: float = SYSTEM_METRICS_SECONDS):

@@ -75,13 +75,23 @@ def run_trial(setup: RunSetup, plan: TrialPlan, run_id: str, *, on_end, ranking)
 
     `on_end(state, reason)` records a trial that did not complete in the driver's store; `ranking()` lists
     (val_accuracy, number) of the study's other completed trials, to decide whether this model is kept."""
+    logger = EpochLog(setup.client, run_id, plan.first_epoch)
+    monitor = tracking.start_system_metrics(run_id, setup.tracking_uri)  # CPU, memory, disk on the trial's run
+    try:
+        return train_and_record(setup, plan, run_id, logger, on_end, ranking)
+    finally:
+        tracking.stop_system_metrics(monitor)
+
+
+def train_and_record(setup: RunSetup, plan: TrialPlan, run_id: str, logger: EpochLog, on_end,
+                     ranking) -> tuple[dict, object]:
+    """run_trial's body: train, and record how the trial ended."""
     import optuna
 
-    from runners.protocol import ArchitectureError
     from runners.callbacks import Deadline, EachEpoch
+    from runners.protocol import ArchitectureError
 
     runner, client = setup.runner, setup.client
-    logger = EpochLog(client, run_id, plan.first_epoch)
     try:
         data = dataset_at(setup, plan.params["image_size"])
         if not plan.resumed:

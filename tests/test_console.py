@@ -260,7 +260,8 @@ def test_system_metrics_are_recorded_on_a_run_and_stop_with_it(tmp_path):
 
 
 def test_disk_shows_each_studys_footprint_and_prune_keeps_only_the_best_model(console_run, monkeypatch, capsys):
-    from search.results import disk_usage, main as results_main
+    from search.disk import disk_usage
+    from search.results import main as results_main
 
     folder, done = console_run
     assert done.returncode == 0, done.stderr

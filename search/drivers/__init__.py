@@ -7,7 +7,7 @@ before TensorFlow or Keras Tuner is imported.
 """
 from __future__ import annotations
 
-from search.config import SearchConfig
+from search.config import SearchConfig, range_problems
 from search.errors import ConfigError
 from search.finish import SearchSummary
 
@@ -16,6 +16,11 @@ DRIVERS = ("optuna", "kerastuner")
 
 def run_search(config: SearchConfig) -> SearchSummary:
     """Run (or resume) the search the config describes with its driver; ConfigError before any trial."""
+    from dataclasses import asdict
+
+    problems = range_problems(asdict(config))  # the command line checked them already; a notebook may not have
+    if problems:
+        raise ConfigError("; ".join(problems))
     if config.driver == "kerastuner":
         from search.setup import prepare_run
 

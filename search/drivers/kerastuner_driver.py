@@ -34,9 +34,9 @@ import keras_tuner as kt
 
 from search import space as spaces
 from search import tracking
-from search.config import HYPERBAND_FACTOR
+from search.config import BAYESIAN_STARTUP, HYPERBAND_FACTOR
 from search.errors import SearchAborted
-from search.finish import BestTrial, SearchSummary, finish_invocation
+from search.finish import BestTrial, SearchSummary, closed_invocation, finish_invocation
 from search.setup import RunSetup
 from search.stopping import FailureStreak
 from search.trial import TrialPlan, open_run, run_trial
@@ -255,8 +255,9 @@ def make_tuner(setup: TunerSetup):
                                  **common)
         tuner.oracle.hyperband_iterations = iterations  # a reloaded study may have been asked for fewer trials
     elif name == "bayesian":
+        least, most, per = BAYESIAN_STARTUP
         tuner = TrackedBayesianOptimization(max_trials=setup.target,
-                                            num_initial_points=max(2, min(10, setup.target // 3)), **common)
+                                            num_initial_points=max(least, min(most, setup.target // per)), **common)
     else:
         tuner = TrackedRandomSearch(max_trials=setup.target, **common)
     return tuner
@@ -284,24 +285,19 @@ def run_kerastuner_search(run: RunSetup) -> SearchSummary:
                             tracking.redact(setup.tracking_uri), parent, target=setup.target)
     tuner = make_tuner(setup)
     tuner.configure(setup, parent, environment, time.time() + setup.timeout if setup.timeout else None)
-    status = "FINISHED"
-    try:
+
+    def finish(status: str) -> None:
+        summary.trials_run, summary.counted, summary.stopped = tuner.trials_run, counted(tuner.oracle), tuner.stopped
+        setup.background.shutdown(wait=True)  # every completed trial's run is closed before the best is looked up
+        finish_invocation(setup, parent, summary, status, best_trial(setup, tuner.oracle))
+
+    with closed_invocation(finish):
         if counted(tuner.oracle) >= setup.target:
             log.info(f"study {setup.study_name} already has {counted(tuner.oracle)} of {setup.target} trials; "
                      "raise --trials to add more")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
             tuner.search(verbose=0)
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    except SearchAborted:
-        status = "FAILED"
-        raise
-    finally:
-        summary.trials_run, summary.counted, summary.stopped = tuner.trials_run, counted(tuner.oracle), tuner.stopped
-        setup.background.shutdown(wait=True)  # every completed trial's run is closed before the best is looked up
-        finish_invocation(setup, parent, summary, status, best_trial(setup, tuner.oracle))
     if summary.stopped == "timeout":
         log.info(f"time budget of {setup.timeout:.0f} s reached after {summary.counted} of {setup.target} trials; "
                  "run the same command again to continue (--timeout 0 for no limit)")

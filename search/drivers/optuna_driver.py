@@ -20,9 +20,9 @@ from optuna.trial import TrialState
 
 from search import space as spaces
 from search import tracking
-from search.config import HYPERBAND_FACTOR, OBJECTIVES, SearchConfig
+from search.config import HYPERBAND_FACTOR, OBJECTIVES, TARGET_WAIT_SECONDS, WARM_START_TRIALS, SearchConfig
 from search.errors import ConfigError, SearchAborted, SurplusTrial
-from search.finish import BestTrial, SearchSummary, finish_invocation
+from search.finish import BestTrial, SearchSummary, closed_invocation, finish_invocation
 from search.recovery import (DiscardCheckpoint, checkpoint_dir, close_retried_run, died_here, recover_stale_trials,
                              retried_trial, take_over_checkpoint, write_trial_file)
 from search.plan import Speed, epochs_for, exploration_pays, measure_machine, metrics_of
@@ -49,15 +49,21 @@ class Setup(RunSetup):
 
 def prepare(config: SearchConfig) -> Setup:
     """Everything checked before the first trial: the run's set-up, then the Optuna study."""
-    run = prepare_run(config, check=lambda space, budget: check_flags(config, budget.timeout))
+    run = prepare_run(config, check=lambda space, budget: check_flags(config, space, budget.timeout))
     return as_config_error(_open_study, config, run)
 
 
-def check_flags(config: SearchConfig, timeout: float | None) -> None:
-    """--objectives, --refit and --pruner together, before any data is loaded."""
+def check_flags(config: SearchConfig, space: spaces.Space, timeout: float | None) -> None:
+    """--objectives, --refit, --pruner, --warm-start and --baselines, before any data is loaded or any store
+    written: a command that fails its checks creates no study."""
     objectives = parse_objectives(config.objectives)
     refit_fraction(config, timeout, objectives)
     pruner_name(config, timeout, objectives)
+    if config.warm_start:
+        find_study(config.warm_start.partition(":")[0], None, config.workdir)  # its error lists the known studies
+    if config.baselines and not spaces.baseline_trials(space):
+        raise ConfigError(f"--baselines: space {space.source} has no baselines for {space.dataset} "
+                          "(add them under 'baselines:')")
 
 
 def _open_study(config: SearchConfig, run: RunSetup) -> Setup:
@@ -77,6 +83,7 @@ def _open_study(config: SearchConfig, run: RunSetup) -> Setup:
     if len(study.directions) != len(objectives):
         raise ConfigError(f"study {run.study_name} was created with {len(study.directions)} objective(s); "
                           f"--objectives {config.objectives} has {len(objectives)}. Use another --study-name.")
+    study.set_metric_names(objectives)  # optuna-dashboard then says val_accuracy, not "Objective 0"
     return Setup(**{f: getattr(run, f) for f in RunSetup.__dataclass_fields__}, study=study,
                  storage_url=storage_url, refit=refit)
 
@@ -101,21 +108,16 @@ def run_optuna_search(config: SearchConfig) -> SearchSummary:
         tracking.log_metrics(client, parent, metrics_of(setup.speed))
         tracking.set_tags(client, parent, {"search.precision": setup.speed.precision})
     first_trials(setup)
-    status = "FINISHED"
-    try:
-        optimize(setup, parent, environment, summary)
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    except SearchAborted:
-        status = "FAILED"
-        raise
-    finally:
+
+    def finish(status: str) -> None:
         setup.background.shutdown(wait=True)  # every completed trial's run is closed before recovery looks
         # a worker that died while this one finished the study must not leave its trial running forever
         recover_stale_trials(study, client, setup.experiment_id, setup.checkpoints,
                              resume=count(study) < setup.target)
         finish_invocation(setup, parent, summary, status, best_trial(study), study)
+
+    with closed_invocation(finish):
+        optimize(setup, parent, environment, summary)
     return summary
 
 
@@ -157,10 +159,7 @@ def first_trials(setup: Setup) -> None:
 
 def enqueue_baselines(setup: Setup) -> None:
     """The space's baselines for this dataset, best-known first, each once per study, tagged as baselines."""
-    found = spaces.baseline_trials(setup.space)
-    if not found:
-        raise ConfigError(f"--baselines: space {setup.space.source} has no baselines for "
-                          f"{setup.dataset.split(':')[0]} (add them under 'baselines:')")
+    found = spaces.baseline_trials(setup.space)  # check_flags made sure there are some
     for label, params in found:
         searched = {k: v for k, v in params.items() if setup.space.params[k].type != "fixed"}
         setup.study.enqueue_trial(searched, user_attrs={"source": f"baseline:{label}", "baseline": label},
@@ -173,7 +172,7 @@ def enqueue_warm_start(setup: Setup) -> None:
     name, _, k = setup.config.warm_start.partition(":")
     source = find_study(name, None, setup.config.workdir)
     done = sorted((t for t in source.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))),
-                  key=lambda t: t.values[0], reverse=True)[: int(k or 5)]
+                  key=lambda t: t.values[0], reverse=True)[: int(k or WARM_START_TRIALS)]
     source_dataset = source.user_attrs.get("dataset")
     for t in done:
         given = dict(t.params)
@@ -389,4 +388,4 @@ def beyond_target(study: optuna.Study, trial: optuna.Trial, target: int) -> bool
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)  # as Optuna does before each trial
-        time.sleep(2)
+        time.sleep(TARGET_WAIT_SECONDS)
