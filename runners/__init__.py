@@ -7,8 +7,9 @@
     photos.py       photo folders and Stanford Dogs: listing, safe archives, decoding any image file
     pipeline.py     tf.data batches with albumentations (augment.py) for training and evaluation
     scratch_cnn.py  a CNN from random initialisation (generated, or spelled out under `architectures:`)
-    transfer.py     an ImageNet backbone with a trained head; features.py caches its embeddings; lite.py reads
-                    EfficientNet-Lite's PyTorch weights
+    transfer.py     an ImageNet backbone with a trained head; backbones.py: which backbones, their weights files;
+                    features.py caches embeddings; lite.py is EfficientNet-Lite0/1/2 in Keras, reading the
+                    PyTorch weights with torch_legacy.py
     train.py        fit with early stopping and resumable checkpoints, test evaluation
     callbacks.py    epoch hook, deadline, progress line, checkpoints, Ctrl-C at a batch end
     speed.py        the machine's matmul rate and a configuration's measured training speed

@@ -83,7 +83,9 @@ def _open_study(config: SearchConfig, run: RunSetup) -> Setup:
     if len(study.directions) != len(objectives):
         raise ConfigError(f"study {run.study_name} was created with {len(study.directions)} objective(s); "
                           f"--objectives {config.objectives} has {len(objectives)}. Use another --study-name.")
-    study.set_metric_names(objectives)  # optuna-dashboard then says val_accuracy, not "Objective 0"
+    with warnings.catch_warnings():  # experimental since Optuna 3.2, and stable in use
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(objectives)  # optuna-dashboard then says val_accuracy, not "Objective 0"
     return Setup(**{f: getattr(run, f) for f in RunSetup.__dataclass_fields__}, study=study,
                  storage_url=storage_url, refit=refit)
 
