@@ -14,6 +14,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from runners.progress import live_bar
+
 log = logging.getLogger("search")
 
 
@@ -70,8 +72,21 @@ class Progress(keras.callbacks.Callback):
         self.where = where or f"{min(position, target)} of {target}"
         self.first_epoch = first_epoch  # epochs trained before this fit (a continued trial): counted on from there
         self.val_history: list[float] = []
+        self.bar = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        # a live line inside the epoch (batches done, rate, time left): a CPU epoch can take minutes
+        self.bar = live_bar((self.params or {}).get("steps"),
+                            f"trial {self.number} epoch {self.first_epoch + epoch + 1}/{self.epochs}", "batch")
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.bar is not None:
+            self.bar.update(1)
 
     def on_epoch_end(self, epoch, logs=None):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
         logs = logs or {}
         value = float(logs.get("val_accuracy", float("nan")))
         self.val_history.append(value)

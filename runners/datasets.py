@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import train_test_split
 
+from runners import progress
+
 VAL_FRACTION = 0.1   # of the training part, for every dataset
 TEST_FRACTION = 0.2  # of all images, where no official test split exists
 SUBSET_SEED = 0      # one subset for every study, so subsets agree across studies
@@ -180,7 +182,8 @@ def cached_images(listing, image_size: int, crop: bool, workdir: Path):
         return images, np.asarray(index["kept"], dtype=np.int64), [tuple(b) for b in index["bad"]]
     order = split_order(listing)
     boxes = listing.boxes if crop else None
-    images, kept, bad = photos.load_images(listing.root, [listing.paths[i] for i in order], image_size, boxes=boxes)
+    images, kept, bad = photos.load_images(listing.root, [listing.paths[i] for i in order], image_size, boxes=boxes,
+                                           progress=progress.shown())  # minutes for a large folder
     kept = order[kept]
     folder.mkdir(parents=True, exist_ok=True)
     np.save(folder / "images.npy", images)

@@ -20,6 +20,7 @@ import io
 import math
 import os
 import re
+import sys
 import shutil
 import tarfile
 import tempfile
@@ -607,7 +608,8 @@ def load_images(
     # Threads suffice: Pillow releases the GIL while decoding and resizing.
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         done = pool.map(decode_one, range(len(paths)))
-        for _ in tqdm(done, total=len(paths), desc="decoding", unit="img", disable=not progress):
+        for _ in tqdm(done, total=len(paths), desc="decoding", unit="img", disable=not progress, leave=False,
+                      mininterval=1.0, file=sys.stderr):
             pass
 
     kept = np.array([i for i, r in enumerate(reasons) if r is None], dtype=np.int64)

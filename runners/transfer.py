@@ -40,6 +40,7 @@ from runners.backbones import (BACKBONES, MOBILENET_ROWS, Backbone, Weights, bac
                                resolve_weights, weights_file_name, weights_sha256)
 from runners.datasets import Dataset
 from runners.pipeline import evaluation_batches, one_hot, training_batches
+from runners.progress import live_bar
 from runners.protocol import ArchitectureError, RunnerConfigError
 from runners.train import TrialResult, fit_callbacks, make_loss, make_optimizer, result_of
 
@@ -218,8 +219,14 @@ def embedder(backbone_model: keras.Model, backbone: Backbone, image_size: int, b
     def embed(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         labels = np.zeros(len(images), dtype=np.int32)
         batches = evaluation_batches(images, labels, 1, batch_size, image_size).map(lambda x, y: x)
-        average, maximum = pooled.predict(batches, verbose=0)
-        return average, maximum
+        averages, maxima = [], []
+        with live_bar(len(images), f"embedding with {backbone.name}", "img") as bar:  # minutes on a CPU
+            for x in batches:
+                average, maximum = pooled.predict_on_batch(x)
+                averages.append(average)
+                maxima.append(maximum)
+                bar.update(len(average))
+        return np.concatenate(averages), np.concatenate(maxima)
 
     return embed
 

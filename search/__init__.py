@@ -51,6 +51,21 @@ class _DropMessage(logging.Filter):
 # that panel empty, which is all the warning says. Only that message of that logger is dropped.
 logging.getLogger("optuna.visualization._contour").addFilter(_DropMessage("unique value length is less than 2"))
 
+
+class _FailedTrialInOneLine(logging.Filter):
+    """Optuna logs a failed trial with its whole traceback; the trial lifecycle has already said why in one line
+    (`trial N: failed: ...`) and recorded it in both stores, so the traceback goes. A trial claimed past the
+    target by a race between workers (SurplusTrial) is no failure of the search: its record goes entirely."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "SurplusTrial" in record.getMessage():
+            return False
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+logging.getLogger("optuna.study._optimize").addFilter(_FailedTrialInOneLine())
+
 # What TensorFlow 2.21 writes to stderr while it is imported, whatever TF_CPP_MIN_LOG_LEVEL says: its C++
 # logging is not initialised yet, so absl prints every message, with a warning saying so.
 TENSORFLOW_NOISE = ("All log messages before absl::InitializeLog() is called",

@@ -304,3 +304,58 @@ def test_disk_shows_each_studys_footprint_and_prune_keeps_only_the_best_model(co
     after, _ = disk_usage(["tiny-cifar10"], workdir=str(workdir))
     assert after.loc[0, "kept_models"] == 1 and after.loc[0, "total_mb"] < row["total_mb"] - 0.19
     assert results_main(["--prune", "nosuch"]) == 2
+
+
+# ---------------------------------------------------------------- live progress inside long work
+
+
+def test_epochs_and_embedding_show_a_live_line_with_count_and_rate(monkeypatch, capsys):
+    import keras
+    import numpy as np
+
+    from runners import progress
+    from runners.callbacks import Progress
+
+    monkeypatch.setenv("SEARCH_PROGRESS", "1")  # as on a terminal
+    assert progress.shown()
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+    model.compile("sgd", "categorical_crossentropy", metrics=["accuracy"])
+    x, y = np.zeros((64, 4), "float32"), np.eye(2, dtype="float32")[np.zeros(64, int)]
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, validation_data=(x, y),
+              callbacks=[Progress(0, 1, 1, 1, None)])
+    err = capsys.readouterr().err
+    assert "trial 0 epoch 1/1" in err and "/8 [" in err and "batch/s" in err  # count of the epoch's batches, rate
+
+    from runners import transfer
+
+    backbone = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Conv2D(4, 3)])
+    embed = transfer.embedder(backbone, transfer.BACKBONES["efficientnet_lite0"], 32, batch_size=16)
+    average, maximum = embed(np.zeros((40, 32, 32, 3), "uint8"))
+    assert average.shape == (40, 4) and maximum.shape == (40, 4)
+    err = capsys.readouterr().err
+    assert "embedding with efficientnet_lite0" in err and "/40 [" in err and "img/s" in err
+    monkeypatch.setenv("SEARCH_PROGRESS", "0")
+    assert not progress.shown()
+
+
+def test_a_failed_trial_is_one_line_and_a_surplus_trial_says_nothing():
+    import logging
+
+    import search  # noqa: F401  (installs the filter)
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("optuna.study._optimize")
+    logger.addHandler(handler)
+    try:
+        try:
+            raise ValueError("unknown optimizer 'nosuchopt'")
+        except ValueError as err:
+            logger.warning(f"Trial 3 failed with parameters: {{}} because of the following error: {err!r}.",
+                           exc_info=True)
+        logger.warning("Trial 4 failed with parameters: {} because of the following error: "
+                       "SurplusTrial('study already has 2 trials').", exc_info=True)
+    finally:
+        logger.removeHandler(handler)
+    assert len(records) == 1 and records[0].exc_info is None and "unknown optimizer" in records[0].getMessage()
