@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +74,15 @@ def take_subset(x: np.ndarray, y: np.ndarray, keys: list[str], n: int | None):
     chosen, _ = train_test_split(index, train_size=n, stratify=stratify, random_state=SUBSET_SEED)
     chosen = np.sort(chosen)
     return x[chosen], y[chosen], [keys[i] for i in chosen]
+
+
+def with_train_subset(data: Dataset, n: int) -> Dataset:
+    """The same data with at most n training images (stratified, the same n for every trial); validation and test
+    untouched, so trials trained on fewer images are still compared on the same photos."""
+    x, y, keys = take_subset(*data.splits["train"], data.keys["train"], n)
+    if len(y) == len(data.splits["train"][1]):
+        return data
+    return replace(data, splits={**data.splits, "train": (x, y)}, keys={**data.keys, "train": keys})
 
 
 # ---------------------------------------------------------------- loading

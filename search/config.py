@@ -128,6 +128,12 @@ REFIT_ROUND_END = 0.5     # fraction of --timeout: a refit that starts before it
                           # (a finished model at half the budget), then a warm restart from it fills the rest
 REFIT_EPOCH_MARGIN = 1.05  # the refit plans its epochs 5% slower than measured: epochs of one model varied 107-146 s
 
+# Exploration's fidelity (search/plan.py): with `fidelity.train_subset: auto` a time-budgeted run trains explored
+# trials on a subset of the training images per epoch, sized from the measured speed.
+EXPLORED_TRIALS_WANTED = 12  # first-rung trials exploration's share should hold: TPE learns little from fewer
+TRAIN_SUBSET_FLOOR = 0.1     # never fewer than this share of the training images (a tenth of 6,000 CIFAR images
+                             # still ranks the space's learning rates and widths; fewer ranks noise)
+
 # Samplers and pruners (search/sampling.py).
 TPE_STARTUP = (3, 10, 3)  # TPE's random start-up trials: target // 3, at least 3 and at most 10 (trials)
 BAYESIAN_STARTUP = (2, 10, 3)  # Keras Tuner's Gaussian process: random points first, target // 3 in 2..10 (trials)

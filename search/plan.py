@@ -12,7 +12,7 @@ import logging
 from dataclasses import asdict, dataclass
 
 from search import space as spaces
-from search.config import REFIT_EPOCH_MARGIN
+from search.config import EXPLORED_TRIALS_WANTED, REFIT_EPOCH_MARGIN, TRAIN_SUBSET_FLOOR
 from search.setup import RunSetup, dataset_at, runner_options
 
 log = logging.getLogger("search")
@@ -30,6 +30,8 @@ class Speed:
     precision: str
     epoch_seconds: float         # one epoch of the default on the run's data, validation included
     setup_seconds: float         # tracing (as measured) and the test pass, once per trial
+    train_images: int = 0        # the run's training split
+    val_images: int = 0          # the run's validation split
 
 
 def measure_machine(setup: RunSetup, precision: str) -> Speed:
@@ -44,7 +46,8 @@ def measure_machine(setup: RunSetup, precision: str) -> Speed:
     epoch = (sizes["train"] + VALIDATION_COST * sizes["val"]) / rate * REFIT_EPOCH_MARGIN
     speed = Speed(matmul_gflops(), rate, measured["mflops_per_image"], measured["train_gflops"], precision,
                   epoch_seconds=epoch,
-                  setup_seconds=measured.get("trace_seconds", 0.0) + VALIDATION_COST * sizes["test"] / rate)
+                  setup_seconds=measured.get("trace_seconds", 0.0) + VALIDATION_COST * sizes["test"] / rate,
+                  train_images=sizes["train"], val_images=sizes["val"])
     log.info(f"machine: {speed.matmul_gflops:.0f} GFLOP/s float32 matmul; the space's default trains at "
              f"{rate:.0f} images/s ({speed.train_gflops:.1f} GFLOP/s, {speed.mflops_per_image:.0f} MFLOP per image, "
              f"{precision}): ~{epoch:.0f} s per epoch of {sizes['train']:,} images")
@@ -61,6 +64,29 @@ def exploration_pays(setup: RunSetup, speed: Speed, explore_seconds: float) -> t
     first_rung = setup.space.fidelity.get("min_epochs", 1)
     seconds = speed.setup_seconds + first_rung * speed.epoch_seconds
     return seconds <= explore_seconds, seconds
+
+
+def exploration_fraction(setup: RunSetup, speed: Speed | None, explore_seconds: float | None) -> float | None:
+    """The share of the training images an explored trial trains on per epoch (None: all of them), from the space's
+    `fidelity.train_subset`: a fraction, or `auto`: as many as let EXPLORED_TRIALS_WANTED first-rung trials of
+    the default fit in exploration's share (never below TRAIN_SUBSET_FLOOR). Validation stays whole, so every trial
+    is compared on the same photos; the refit trains on every image."""
+    wanted = setup.space.fidelity.get("train_subset", 1.0)
+    if wanted != "auto":
+        return None if wanted >= 1 else float(wanted)
+    if not speed or not explore_seconds or not speed.train_images:
+        return None
+    per_trial = explore_seconds / EXPLORED_TRIALS_WANTED - speed.setup_seconds
+    per_epoch = per_trial / setup.space.fidelity.get("min_epochs", 1) / REFIT_EPOCH_MARGIN
+    images = per_epoch * speed.images_per_second - VALIDATION_COST * speed.val_images
+    fraction = max(images / speed.train_images, TRAIN_SUBSET_FLOOR)
+    return None if fraction >= 1 else fraction
+
+
+def full_epoch_seconds(trial_epoch_seconds: float, train_images: int, full_images: int, val_images: int) -> float:
+    """What an epoch of a trial timed on `train_images` costs on all `full_images` (validation alike in both)."""
+    return trial_epoch_seconds * (full_images + VALIDATION_COST * val_images) / (train_images
+                                                                                + VALIDATION_COST * val_images)
 
 
 def epochs_for(speed: Speed, seconds: float) -> int:

@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 
 from search import tracking
 from search.config import REFIT_EPOCH_MARGIN, REFIT_ROUND_END
+from search.plan import full_epoch_seconds
 from search.recovery import DiscardCheckpoint
 from search.sampling import feasible
 
@@ -37,6 +38,9 @@ def refit_epoch_seconds(best: optuna.trial.FrozenTrial) -> float | None:
         per_epoch = best.user_attrs["train_seconds"] / ran
     if not per_epoch or not ran:
         return None
+    full, trained = best.user_attrs.get("full_train_images"), best.user_attrs.get("train_images")
+    if full and trained and trained < full:  # explored on part of the training images: the refit trains on all
+        per_epoch = full_epoch_seconds(per_epoch, trained, full, best.user_attrs.get("val_images") or 0)
     return per_epoch * REFIT_EPOCH_MARGIN  # so a slower stretch of a shared machine still ends inside the budget
 
 

@@ -188,8 +188,13 @@ def check_space(raw: dict, path: Path) -> None:
 
 
 def check_fidelity(fidelity: dict, where: str) -> None:
-    """The resource trials are pruned on (epochs), the fewest epochs a trial runs, and Hyperband's reduction factor."""
-    unknown(fidelity, {"resource", "min_epochs", "reduction_factor"}, where)
+    """The resource trials are pruned on (epochs), the fewest epochs a trial runs, Hyperband's reduction factor, and
+    the share of the training images an explored trial trains on per epoch (`train_subset`)."""
+    unknown(fidelity, {"resource", "min_epochs", "reduction_factor", "train_subset"}, where)
+    subset = fidelity.get("train_subset", 1.0)
+    if subset != "auto" and (isinstance(subset, bool) or not isinstance(subset, (int, float)) or not 0 < subset <= 1):
+        raise SpaceError(f"{where}.train_subset: auto (planned from the machine's measured speed) or a fraction of "
+                         f"the training images in (0, 1], got {subset!r}")
     if fidelity.get("resource", "epochs") != "epochs":
         raise SpaceError(f"{where}.resource: only epochs is supported, got {fidelity['resource']!r}")
     for key, least in (("min_epochs", 1), ("reduction_factor", 2)):

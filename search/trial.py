@@ -49,6 +49,8 @@ class TrialPlan:
     epochs_before: int = 0                         # epochs an earlier refit round trained, for budget_fraction
     first_epoch: int = 0                           # epochs trained before this trial started (a continued
                                                    # Hyperband trial): its epochs are logged after them
+    train_fraction: float | None = None            # share of the training images per epoch (an explored trial's
+                                                   # cheaper fidelity, search/plan.py); None = all
 
 
 class EpochLog:
@@ -89,11 +91,15 @@ def train_and_record(setup: RunSetup, plan: TrialPlan, run_id: str, logger: Epoc
     import optuna
 
     from runners.callbacks import Deadline, EachEpoch
+    from runners.datasets import with_train_subset
     from runners.protocol import ArchitectureError
 
     runner, client = setup.runner, setup.client
     try:
         data = dataset_at(setup, plan.params["image_size"])
+        full_train = len(data.splits["train"][1])
+        if plan.train_fraction:
+            data = with_train_subset(data, max(1, int(plan.train_fraction * full_train)))
         if not plan.resumed:
             tracking.log_datasets(client, run_id, data)
         started = time.perf_counter()
@@ -127,7 +133,9 @@ def train_and_record(setup: RunSetup, plan: TrialPlan, run_id: str, logger: Epoc
         end(client, run_id, on_end, "FAIL", reason)
         log.warning(f"trial {plan.number}: failed: {reason}")
         raise
-    metrics = record_completed(setup, plan, run_id, result, trial_seconds, logger.seconds, data, ranking())
+    sizes = {"train_images": len(data.splits["train"][1]), "full_train_images": full_train,
+             "val_images": len(data.splits["val"][1])}  # what the refit scales an explored trial's epochs by
+    metrics = record_completed(setup, plan, run_id, result, trial_seconds, logger.seconds, data, ranking(), sizes)
     return metrics, result
 
 
@@ -149,12 +157,13 @@ def trial_metrics(result, trial_seconds: float, logging_seconds: float) -> dict:
 
 
 def record_completed(setup: RunSetup, plan: TrialPlan, run_id: str, result, trial_seconds: float,
-                     logging_seconds: float, data, others: list[tuple[float, int]]) -> dict:
+                     logging_seconds: float, data, others: list[tuple[float, int]], sizes: dict) -> dict:
     """Log a completed trial's summary, keep its model if among the best K, log its test evaluation and close
     its run in the background (the confusion matrix takes ~0.4 s, drawn while the next trial starts)."""
-    metrics = {**trial_metrics(result, trial_seconds, logging_seconds),
-               # of the full fidelity (max epochs); a refit's second round counts the first round's epochs too
-               "budget_fraction": (result.epochs_run + plan.epochs_before) / max(setup.epochs, 1)}
+    metrics = {**trial_metrics(result, trial_seconds, logging_seconds), **sizes,
+               # of the full fidelity (max epochs, all images); a refit's second round counts the first round's too
+               "budget_fraction": (result.epochs_run + plan.epochs_before) / max(setup.epochs, 1)
+               * sizes["train_images"] / max(sizes["full_train_images"], 1)}  # an explored trial's images too
     tracking.log_metrics(setup.client, run_id, metrics)
     if result.tags:
         tracking.set_tags(setup.client, run_id, result.tags)

@@ -264,3 +264,35 @@ def test_on_a_machine_too_slow_to_explore_the_default_trains_for_the_whole_budge
     parent = MlflowClient(summary.tracking_uri).get_run(summary.parent_run_id)
     assert parent.data.tags["search.exploration"].startswith("skipped")
     assert summary.best_trial == ran[0].number
+
+
+def test_explored_trials_train_on_the_planned_share_of_the_images(tmp_path):
+    from types import SimpleNamespace
+
+    from search import plan
+
+    def fraction(train_subset, speed, explore):
+        setup = SimpleNamespace(space=SimpleNamespace(fidelity={"min_epochs": 1, "train_subset": train_subset}))
+        return plan.exploration_fraction(setup, speed, explore)
+
+    fast = plan.Speed(250, 600.0, 268, 480, "bfloat16", 13.0, 6.0, train_images=6000, val_images=5000)
+    slow = plan.Speed(150, 90.0, 268, 70, "float32", 85.0, 40.0, train_images=6000, val_images=5000)
+    assert fraction(1.0, fast, 120) is None and fraction(0.25, None, None) == 0.25   # fixed by the space
+    assert fraction("auto", fast, 3600) is None              # a dozen full trials fit: no subset
+    share = fraction("auto", fast, 180)                      # 15 s a trial: 9 s of epoch, 3,476 of 6,000 images
+    assert 0.55 < share < 0.6
+    assert fraction("auto", slow, 120) == 0.1                # never below the floor
+    assert fraction("auto", None, 120) is None               # nothing measured (no time budget): all images
+    # the refit plans an explored trial's epochs on every image
+    assert plan.full_epoch_seconds(10.0, 1500, 6000, 4500) == pytest.approx(10.0 * (6000 + 1500) / (1500 + 1500))
+
+
+def test_a_space_with_a_train_subset_explores_on_part_of_the_images(cifar_dir, tmp_path):
+    space = write_space(tmp_path, TINY_SPACE + "fidelity: {resource: epochs, min_epochs: 1, train_subset: 0.5}\n")
+    summary = run_search(SearchConfig(space=str(space), data_dir=str(cifar_dir), workdir=str(tmp_path / "mlruns"),
+                                      trials=2, epochs=1, sampler="random"))
+    study = optuna.load_study(study_name=summary.study_name, storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert done and all(t.user_attrs["train_images"] == 150 and t.user_attrs["full_train_images"] == 300
+                        for t in done)
+    assert all(t.user_attrs["budget_fraction"] == pytest.approx(0.5) for t in done)

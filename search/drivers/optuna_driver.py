@@ -25,7 +25,8 @@ from search.errors import ConfigError, SearchAborted, SurplusTrial
 from search.finish import BestTrial, SearchSummary, closed_invocation, finish_invocation
 from search.recovery import (DiscardCheckpoint, checkpoint_dir, close_retried_run, died_here, recover_stale_trials,
                              retried_trial, take_over_checkpoint, write_trial_file)
-from search.plan import Speed, epochs_for, exploration_pays, measure_machine, metrics_of
+from search.plan import (Speed, epochs_for, exploration_fraction, exploration_pays, measure_machine,
+                         metrics_of)
 from search.refit import refit_best, refit_default
 from search.sampling import (COUNTED, best_value, constraint_values, count, feasible, make_pruner, make_sampler,
                              parse_objectives, pruner_name, refit_fraction, sampler_seed)
@@ -45,6 +46,7 @@ class Setup(RunSetup):
     storage_url: str
     refit: float = 0.0  # fraction of the timeout kept for the refit phase
     speed: Speed | None = None  # what this machine does with the default (time-budgeted runs, search/plan.py)
+    explore_fraction: float | None = None  # share of the training images an explored trial trains on (plan.py)
 
 
 def prepare(config: SearchConfig) -> Setup:
@@ -225,6 +227,11 @@ def optimize(setup: Setup, parent: str, environment: dict, summary: SearchSummar
                           epochs, setup.speed.setup_seconds + epochs * setup.speed.epoch_seconds)
             summary.counted, summary.stopped = count(study), "timeout"
             return
+    setup.explore_fraction = exploration_fraction(setup, setup.speed, explore)
+    if setup.explore_fraction:
+        share = f", so that more of them fit in its {explore:.0f} s" if explore else ""
+        log.info(f"exploration: explored trials train on {setup.explore_fraction:.0%} of the training images per "
+                 f"epoch (the space's fidelity.train_subset){share}; a refit trains on all of them")
     if explore != 0.0:
         study.optimize(objective, n_trials=None, timeout=explore, callbacks=callbacks,
                        catch=(Exception,))  # the runner's release collects garbage once per trial
@@ -297,7 +304,8 @@ def make_objective(setup: Setup, parent: str, environment: dict, summary: Search
             # a refit round resumed in a later run keeps no deadline: its budget was the earlier run's
             deadline=trial.user_attrs.get("deadline") if not resumed else None,
             initial_weights=start_weights(setup, trial.number, trial.user_attrs.get("continues")),
-            epochs_before=trial.user_attrs.get("epochs_before", 0))
+            epochs_before=trial.user_attrs.get("epochs_before", 0),
+            train_fraction=setup.explore_fraction if refit_of is None else None)
         if resumed:
             run_id = resumed["mlflow_run_id"]
             trial.set_user_attr("resumes", resumed["trial"])
@@ -355,7 +363,7 @@ def ranking(study: optuna.Study) -> list[tuple[float, int]]:
 def record_in_study(setup: Setup, trial: optuna.Trial, metrics: dict, result) -> None:
     """What Optuna keeps of a completed trial: summary user attrs, the refit's epoch cost, the constraints."""
     for key in ("test_accuracy", "test_top3_accuracy", "train_seconds", "param_count", "inference_ms",
-                "budget_fraction", "epochs_run", "trial_seconds"):
+                "budget_fraction", "epochs_run", "trial_seconds", "train_images", "full_train_images", "val_images"):
         trial.set_user_attr(key, metrics.get(key))
     timed = result.history.get("epoch_seconds", [])[1:] or result.history.get("epoch_seconds", [])
     if timed:  # what one more epoch of this configuration costs, for a refit's plan (the first epoch also traces)
