@@ -83,6 +83,15 @@ def exploration_fraction(setup: RunSetup, speed: Speed | None, explore_seconds: 
     return None if fraction >= 1 else fraction
 
 
+def measured_epoch_seconds(setup: RunSetup, params: dict) -> float:
+    """One epoch of a configuration on every training image, validation included, planned from a few timed
+    training steps of it (REFIT_EPOCH_MARGIN slower): for a refit of a trial explored on part of the images."""
+    data = dataset_at(setup, params.get("image_size", 32))
+    rate = setup.runner.measure_speed(params, data, options=runner_options(setup))["images_per_second"]
+    sizes = data.sizes()
+    return (sizes["train"] + VALIDATION_COST * sizes["val"]) / rate * REFIT_EPOCH_MARGIN
+
+
 def full_epoch_seconds(trial_epoch_seconds: float, train_images: int, full_images: int, val_images: int) -> float:
     """What an epoch of a trial timed on `train_images` costs on all `full_images` (validation alike in both)."""
     return trial_epoch_seconds * (full_images + VALIDATION_COST * val_images) / (train_images

@@ -15,7 +15,8 @@ from optuna.trial import TrialState
 
 from search import tracking
 from search.config import REFIT_EPOCH_MARGIN, REFIT_ROUND_END
-from search.plan import full_epoch_seconds
+from search import space as spaces
+from search.plan import full_epoch_seconds, measured_epoch_seconds
 from search.recovery import DiscardCheckpoint
 from search.sampling import feasible
 
@@ -33,6 +34,8 @@ def refit_epoch_seconds(best: optuna.trial.FrozenTrial) -> float | None:
     """What one refit epoch of `best` is planned to take: its epochs' mean plus REFIT_EPOCH_MARGIN; None when
     `best` recorded no timings."""
     ran = best.user_attrs.get("epochs_run") or len(best.intermediate_values)
+    if best.user_attrs.get("refit_epoch_seconds") and ran:  # measured at the refit's data size (refit_best)
+        return best.user_attrs["refit_epoch_seconds"]
     per_epoch = best.user_attrs.get("epoch_seconds")
     if not per_epoch and best.user_attrs.get("train_seconds") and ran:  # trials recorded before epoch_seconds
         per_epoch = best.user_attrs["train_seconds"] / ran
@@ -104,6 +107,11 @@ def refit_best(setup, parent: str, objective, remaining: float, elapsed: float =
     if refit_plan(best, remaining) is None:
         log.info(f"refit: skipped, trial {best.number} recorded no epoch timings")
         return
+    if (best.user_attrs.get("train_images") or 0) < (best.user_attrs.get("full_train_images") or 0):
+        # explored on part of the images: its epochs say little of a full one, a few timed steps say more
+        seconds = measured_epoch_seconds(setup, spaces.complete_params(setup.space, best.params))
+        study._storage.set_trial_user_attr(best._trial_id, "refit_epoch_seconds", seconds)
+        best = study._storage.get_trial(best._trial_id)
     if not one_epoch_fits(best, remaining):  # its first epoch would end past the budget and teach nothing new
         log.info(f"refit: skipped, one epoch of trial {best.number}'s configuration (~{one_epoch_seconds(best):.0f} s) "
                  f"does not fit in the {remaining:.0f} s left")
@@ -157,8 +165,6 @@ def run_refit_trial(setup, objective, params: dict, attrs: dict) -> optuna.trial
 def refit_default(setup, parent, objective, remaining: float, epochs: int, planned: float) -> None:
     """Train the space's default configuration for the whole budget, as one refit trial (`refit_of` "default"):
     what a run does when exploring cannot pay on this machine (search/plan.py)."""
-    from search import space as spaces
-
     log.info(f"refit: the space's default configuration for {epochs} epochs (~{planned:.0f} s), no exploration")
     tracking.set_tags(setup.client, parent, {"search.refit_of": "default", "search.refit_epochs": epochs,
                                              "search.refit_planned_seconds": round(planned), "search.refit_rounds": 1})
