@@ -7,6 +7,7 @@ study (MLflow run, checkpoints, leaderboard, best model), tagged `refit_of`. Con
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
 
@@ -109,9 +110,9 @@ def refit_best(setup, parent: str, objective, remaining: float, elapsed: float =
         return
     if (best.user_attrs.get("train_images") or 0) < (best.user_attrs.get("full_train_images") or 0):
         # explored on part of the images: its epochs say little of a full one, a few timed steps say more
-        seconds = measured_epoch_seconds(setup, spaces.complete_params(setup.space, best.params))
-        study._storage.set_trial_user_attr(best._trial_id, "refit_epoch_seconds", seconds)
-        best = study._storage.get_trial(best._trial_id)
+        best = copy.deepcopy(best)  # a finished trial is read-only in the study: the plan lives on this copy
+        best.user_attrs["refit_epoch_seconds"] = measured_epoch_seconds(
+            setup, spaces.complete_params(setup.space, best.params))
     if not one_epoch_fits(best, remaining):  # its first epoch would end past the budget and teach nothing new
         log.info(f"refit: skipped, one epoch of trial {best.number}'s configuration (~{one_epoch_seconds(best):.0f} s) "
                  f"does not fit in the {remaining:.0f} s left")

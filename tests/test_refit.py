@@ -296,3 +296,15 @@ def test_a_space_with_a_train_subset_explores_on_part_of_the_images(cifar_dir, t
     assert done and all(t.user_attrs["train_images"] == 150 and t.user_attrs["full_train_images"] == 300
                         for t in done)
     assert all(t.user_attrs["budget_fraction"] == pytest.approx(0.5) for t in done)
+
+
+@pytest.mark.slow
+def test_the_refit_of_a_trial_explored_on_half_the_images_plans_from_timed_full_steps(cifar_dir, tmp_path):
+    space = write_space(tmp_path, TINY_SPACE + "fidelity: {resource: epochs, min_epochs: 1, train_subset: 0.5}\n")
+    summary = run_search(SearchConfig(space=str(space), data_dir=str(cifar_dir), workdir=str(tmp_path / "mlruns"),
+                                      trials=2, epochs=1, timeout=30, sampler="random"))
+    study = optuna.load_study(study_name=summary.study_name, storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
+    refits = [t for t in study.trials if t.user_attrs.get("refit_of") is not None]
+    explored = [t for t in study.trials if t.user_attrs.get("refit_of") is None and t.state == TrialState.COMPLETE]
+    assert refits and all(t.user_attrs["train_images"] == 300 for t in refits if t.state == TrialState.COMPLETE)
+    assert explored and all(t.user_attrs["train_images"] == 150 for t in explored)
