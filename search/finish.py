@@ -24,6 +24,7 @@ class SearchSummary:
     parent_run_id: str
     trials_run: int = 0
     counted: int = 0
+    refits: int = 0                      # refit rounds among the counted trials
     target: int = 0
     best_value: float | None = None
     best_params: dict = field(default_factory=dict)

@@ -179,7 +179,8 @@ def run_command(argv: list[str] | None) -> int:
         restart(summary.budget_started)
     try:
         table = leaderboard([summary.study_name], tracking_uri=config.tracking_uri, workdir=config.workdir)
-        print(f"\nstudy {summary.study_name}: {summary.counted} of {summary.target} trials "
+        refits = f" and {summary.refits} refit round{'s' * (summary.refits > 1)}" if summary.refits else ""
+        print(f"\nstudy {summary.study_name}: {summary.counted - summary.refits} of {summary.target} trials{refits} "
               f"(this run: {summary.trials_run}); best val_accuracy "
               f"{'-' if summary.best_value is None else f'{summary.best_value:.4f}'} (trial {summary.best_trial})")
         print(to_text(table.head(5), "md"))

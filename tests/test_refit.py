@@ -308,3 +308,14 @@ def test_the_refit_of_a_trial_explored_on_half_the_images_plans_from_timed_full_
     explored = [t for t in study.trials if t.user_attrs.get("refit_of") is None and t.state == TrialState.COMPLETE]
     assert refits and all(t.user_attrs["train_images"] == 300 for t in refits if t.state == TrialState.COMPLETE)
     assert explored and all(t.user_attrs["train_images"] == 150 for t in explored)
+
+
+@pytest.mark.slow
+def test_the_final_line_counts_trials_against_the_target_and_refit_rounds_apart(cifar_dir, tmp_path, capsys):
+    from search.run import main
+
+    space = write_space(tmp_path, TINY_SPACE)
+    assert main(["--space", str(space), "--data-dir", str(cifar_dir), "--workdir", str(tmp_path / "mlruns"),
+                 "--timeout", "25", "--trials", "1", "--epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "study tiny-cifar10: 1 of 1 trials and " in out and " refit round" in out

@@ -118,6 +118,8 @@ def run_optuna_search(config: SearchConfig) -> SearchSummary:
         # a worker that died while this one finished the study must not leave its trial running forever
         recover_stale_trials(study, client, setup.experiment_id, setup.checkpoints,
                              resume=count(study) < setup.target)
+        summary.refits = sum(1 for t in study.get_trials(deepcopy=False, states=COUNTED)
+                             if t.user_attrs.get("refit_of") is not None)
         finish_invocation(setup, parent, summary, status, best_trial(study), study)
 
     with closed_invocation(finish):
