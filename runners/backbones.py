@@ -104,8 +104,8 @@ def resolve_weights(backbone: Backbone, image_size: int, option: str | None) -> 
     if option:
         path = Path(option).expanduser()
         if not path.is_file():
-            raise RunnerConfigError(f"--weights {option}: no such file. Give the path of a {backbone.name} weights file, "
-                              "or --weights none to train from random initialisation.")
+            raise RunnerConfigError(f"--weights {option}: no such file. Give the path of a {backbone.name} weights "
+                                    "file, or --weights none to train from random initialisation.")
         return Weights(path, weights_sha256(path))
     if backbone.application is None:
         from runners import lite

@@ -106,7 +106,8 @@ def train_and_record(setup: RunSetup, plan: TrialPlan, run_id: str, logger: Epoc
         result = runner.train_and_evaluate(
             plan.params, data, epochs=plan.epochs, patience=plan.patience, seed=plan.seed,
             recipes=setup.space.recipes,
-            callbacks=([Deadline(plan.deadline)] if plan.deadline else []) + [EachEpoch(logger), plan.progress] + plan.callbacks,
+            callbacks=([Deadline(plan.deadline)] if plan.deadline else []) + [EachEpoch(logger), plan.progress]
+            + plan.callbacks,
             options={**runner_options(setup), "initial_weights": plan.initial_weights}, checkpoint=plan.checkpoint)
         trial_seconds = time.perf_counter() - started
     except ArchitectureError as err:
