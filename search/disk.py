@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 
 from search.errors import ConfigError
 from search.stores import existing_tracking_store, tracking_uri as resolve_tracking_uri
-from search.tracking import connect, live_runs_here, set_tags
+from search.tracking import connect, live_runs_here, set_tags, study_experiments
 
 MB = 1024 * 1024
 STUDY_FOLDERS = ("models", "checkpoints", "kerastuner")  # <workdir>/<kind>/<study>/
@@ -126,11 +126,11 @@ def disk_usage(studies: list[str] | None, tracking_uri: str | None = None,
 
     uri = existing_tracking_store(tracking_uri, workdir)
     client = connect(uri) if uri else None
-    experiments = {e.name: e.experiment_id for e in (client.search_experiments() if client else [])
-                   if e.name != "Default"}
+    experiments = study_experiments(client) if client else {}
+    on_disk = studies_on_disk(workdir)
     if studies is None:
-        studies = sorted(set(experiments) | studies_on_disk(workdir))
-    unknown = [name for name in studies if name not in experiments and name not in studies_on_disk(workdir)]
+        studies = sorted(set(experiments) | on_disk)
+    unknown = [name for name in studies if name not in experiments and name not in on_disk]
     if unknown:
         raise ConfigError(f"no study named {', '.join(map(repr, unknown))} in MLflow store {uri} or under {workdir}/. "
                           f"Known studies: {', '.join(experiments) or 'none'}.")
@@ -177,7 +177,7 @@ def prune_study(name: str, tracking_uri: str | None = None, workdir: str = "mlru
 
 def known_studies(uri: str | None) -> list[str]:
     """The studies (experiments) an MLflow store holds, for messages."""
-    return sorted(e.name for e in connect(uri).search_experiments() if e.name != "Default") if uri else []
+    return sorted(study_experiments(connect(uri))) if uri else []
 
 
 def prune_text(done: dict) -> str:

@@ -38,12 +38,9 @@ def measure_machine(setup: RunSetup, precision: str) -> Speed:
     """Time the machine and the default configuration; print it and return it."""
     from runners.speed import matmul_gflops
 
-    params = spaces.default_params(setup.space)
-    data = dataset_at(setup, params.get("image_size", 32))
-    measured = setup.runner.measure_speed(params, data, options=runner_options(setup))
-    sizes = data.sizes()
+    measured, sizes = measure(setup, spaces.default_params(setup.space))
     rate = measured["images_per_second"]
-    epoch = (sizes["train"] + VALIDATION_COST * sizes["val"]) / rate * REFIT_EPOCH_MARGIN
+    epoch = epoch_seconds(sizes, rate)
     speed = Speed(matmul_gflops(), rate, measured["mflops_per_image"], measured["train_gflops"], precision,
                   epoch_seconds=epoch,
                   setup_seconds=measured.get("trace_seconds", 0.0) + VALIDATION_COST * sizes["test"] / rate,
@@ -52,6 +49,17 @@ def measure_machine(setup: RunSetup, precision: str) -> Speed:
              f"{rate:.0f} images/s ({speed.train_gflops:.1f} GFLOP/s, {speed.mflops_per_image:.0f} MFLOP per image, "
              f"{precision}): ~{epoch:.0f} s per epoch of {sizes['train']:,} images")
     return speed
+
+
+def measure(setup: RunSetup, params: dict) -> tuple[dict, dict]:
+    """The runner's timed steps of a configuration on the run's data, and the data's split sizes."""
+    data = dataset_at(setup, params.get("image_size", 32))
+    return setup.runner.measure_speed(params, data, options=runner_options(setup)), data.sizes()
+
+
+def epoch_seconds(sizes: dict, images_per_second: float) -> float:
+    """One epoch on every training image, validation included, REFIT_EPOCH_MARGIN slower than measured."""
+    return (sizes["train"] + VALIDATION_COST * sizes["val"]) / images_per_second * REFIT_EPOCH_MARGIN
 
 
 def metrics_of(speed: Speed) -> dict:
@@ -84,12 +92,10 @@ def exploration_fraction(setup: RunSetup, speed: Speed | None, explore_seconds: 
 
 
 def measured_epoch_seconds(setup: RunSetup, params: dict) -> float:
-    """One epoch of a configuration on every training image, validation included, planned from a few timed
-    training steps of it (REFIT_EPOCH_MARGIN slower): for a refit of a trial explored on part of the images."""
-    data = dataset_at(setup, params.get("image_size", 32))
-    rate = setup.runner.measure_speed(params, data, options=runner_options(setup))["images_per_second"]
-    sizes = data.sizes()
-    return (sizes["train"] + VALIDATION_COST * sizes["val"]) / rate * REFIT_EPOCH_MARGIN
+    """One epoch of a configuration on every training image, planned from a few timed training steps of it:
+    for a refit of a trial explored on part of the images."""
+    measured, sizes = measure(setup, params)
+    return epoch_seconds(sizes, measured["images_per_second"])
 
 
 def full_epoch_seconds(trial_epoch_seconds: float, train_images: int, full_images: int, val_images: int) -> float:

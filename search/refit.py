@@ -14,9 +14,9 @@ import time
 import optuna
 from optuna.trial import TrialState
 
+from search import space as spaces
 from search import tracking
 from search.config import REFIT_EPOCH_MARGIN, REFIT_ROUND_END
-from search import space as spaces
 from search.plan import full_epoch_seconds, measured_epoch_seconds
 from search.recovery import DiscardCheckpoint
 from search.sampling import feasible

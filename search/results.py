@@ -126,10 +126,9 @@ def parse_value(text):
 
 def all_studies(tracking_uri: str | None = None, workdir: str = "mlruns") -> list[str]:
     """Every study (experiment) in the MLflow store, for --all."""
-    from search.tracking import connect
+    from search.tracking import connect, study_experiments
 
-    client = connect(resolve_tracking_uri(tracking_uri, workdir))
-    return sorted(e.name for e in client.search_experiments() if e.name != "Default")
+    return sorted(study_experiments(connect(resolve_tracking_uri(tracking_uri, workdir))))
 
 
 

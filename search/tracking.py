@@ -136,6 +136,11 @@ def mark_model_training(client: MlflowClient, experiment) -> None:
             client.set_experiment_tag(experiment.experiment_id, key, value)
 
 
+def study_experiments(client: MlflowClient) -> dict[str, str]:
+    """The studies a store holds: experiment name -> id, MLflow's own "Default" left out."""
+    return {e.name: e.experiment_id for e in client.search_experiments() if e.name != "Default"}
+
+
 def start_parent_run(client: MlflowClient, exp_id: str, study: str, settings: dict, environment: dict,
                      space_text: str, space_resolved: dict) -> str:
     """The run of this process: what it was asked to do, the space file and the environment."""

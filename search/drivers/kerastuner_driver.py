@@ -185,21 +185,24 @@ def counted(oracle) -> int:
                                                    or "ArchitectureError" in (t.message or ""))))
 
 
+def completed(oracle) -> list:
+    """The completed trials that have a score, in the order Keras Tuner made them."""
+    return [t for t in oracle.trials.values() if t.status == "COMPLETED" and t.score is not None]
+
+
 def best_score(oracle) -> float | None:
     """The best validation accuracy of a completed trial so far."""
-    return max((t.score for t in oracle.trials.values() if t.status == "COMPLETED" and t.score is not None),
-               default=None)
+    return max((t.score for t in completed(oracle)), default=None)
 
 
 def ranking(oracle) -> list[tuple[float, int]]:
     """(val_accuracy, number) of the completed trials, for the kept models."""
-    return [(float(t.score), int(t.trial_id)) for t in oracle.trials.values()
-            if t.status == "COMPLETED" and t.score is not None]
+    return [(float(t.score), int(t.trial_id)) for t in completed(oracle)]
 
 
 def best_trial(setup: TunerSetup, oracle) -> BestTrial | None:
     """The most accurate completed trial, with its MLflow run."""
-    complete = [t for t in oracle.trials.values() if t.status == "COMPLETED" and t.score is not None]
+    complete = completed(oracle)
     if not complete:
         return None
     trial = max(complete, key=lambda t: t.score)
