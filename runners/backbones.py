@@ -152,18 +152,18 @@ def build_backbone(backbone: Backbone, image_size: int, weights: Weights) -> ker
     return model
 
 
-def preprocessing(backbone: Backbone):
+def preprocessing(backbone: Backbone, name: str = "preprocess"):
     """Standard layers doing the backbone's preprocess_input, so a saved model needs no code of this repo."""
     if backbone.preprocessing == "tf":
-        return layers.Rescaling(1 / 127.5, offset=-1.0, name="preprocess")
+        return layers.Rescaling(1 / 127.5, offset=-1.0, name=name)
     if backbone.preprocessing == "caffe":
         # RGB -> BGR and mean subtraction as one fixed linear map over the channel axis
         reverse = np.eye(3, dtype=np.float32)[::-1]
-        layer = layers.Dense(3, name="preprocess", trainable=False)
+        layer = layers.Dense(3, name=name, trainable=False)
         layer.build((None, 3))
         layer.set_weights([reverse, -np.asarray(CAFFE_MEAN_BGR, dtype=np.float32)])
         return layer
-    return layers.Identity(name="preprocess")
+    return layers.Identity(name=name)
 
 
 def imagenet_classifier(backbone: Backbone, weights: Weights) -> tuple[np.ndarray, np.ndarray]:

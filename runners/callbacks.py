@@ -46,7 +46,9 @@ class Deadline(keras.callbacks.Callback):
 
     A refit plans its epochs from the explored trial's speed; on a shared machine they can run 25% slower, and
     without this a round planned to end with the budget ended ten minutes after it. The best epoch's weights
-    are still restored (early stopping's), only the schedule's last epochs are lost."""
+    are still restored (early stopping's). A learning-rate schedule that can be shortened (a BudgetedSchedule
+    of runners.train: one_cycle, warmup_cosine, cosine) is made to end with the last epoch that fits, so that
+    training stopped by the deadline still ends annealed rather than at a high learning rate."""
 
     def __init__(self, at: float):
         super().__init__()
@@ -54,11 +56,38 @@ class Deadline(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self.started = time.monotonic()
+        self.first_step = self.steps_done()
 
     def on_epoch_end(self, epoch, logs=None):
-        if time.time() + (time.monotonic() - self.started) > self.at:
+        seconds = time.monotonic() - self.started
+        remaining = self.at - time.time()
+        if remaining < seconds:
             self.model.stop_training, self.stopped_at_epoch = True, epoch + 1
             log.info(f"stopped after epoch {epoch + 1}: another would end past the time budget")
+            return
+        schedule = self.schedule()
+        if schedule is not None and seconds > 0:
+            fit = int(remaining // seconds)  # more whole epochs as long as this one (1 or more here)
+            done = self.steps_done()
+            if schedule.finish_by(done + fit * (done - self.first_step), done):  # only ever earlier
+                log.info(f"the learning-rate schedule now ends with epoch {epoch + 1 + fit}: the last that fits "
+                         "the time budget")
+
+    def optimizer(self):
+        optimizer = getattr(self.model, "optimizer", None)
+        return getattr(optimizer, "inner_optimizer", optimizer)  # a LossScaleOptimizer's own
+
+    def steps_done(self) -> int:
+        optimizer = self.optimizer()
+        return int(optimizer.iterations.numpy()) if optimizer is not None else 0
+
+    def schedule(self):
+        """The optimiser's learning-rate schedule when it can be shortened, else None (a constant rate).
+
+        Keras 3 keeps the schedule object itself in the private `_learning_rate` (the public `learning_rate`
+        is its value at the current step): the only place to reach it from a callback."""
+        schedule = getattr(self.optimizer(), "_learning_rate", None)
+        return schedule if callable(getattr(schedule, "finish_by", None)) else None
 
 
 class Progress(keras.callbacks.Callback):
@@ -226,3 +255,77 @@ def interrupts_at_batch_end():
     finally:
         signal.signal(signal.SIGINT, previous)
     stop.check()
+
+
+WAIT_SLICE = 0.25  # seconds the main thread waits for the fit at a time: Ctrl-C's handler runs between slices
+
+
+def fit_interruptibly(model: keras.Model, *args, callbacks=(), **kwargs):
+    """model.fit(*args, callbacks=[StopAtBatchEnd(), *callbacks], **kwargs), a second Ctrl-C acting at once.
+
+    The first Ctrl-C stops the fit with KeyboardInterrupt at the next batch end (StopAtBatchEnd), a second
+    raises KeyboardInterrupt here at once. Python runs its signal handlers only when the main thread is back
+    in the interpreter, and a training step is one call into TensorFlow's native code that can last minutes
+    on a slow CPU; so the fit runs in a worker thread while the main thread waits for it in short slices,
+    free to take the presses. Whatever the fit raises is raised here (KeyboardInterrupt at a batch end,
+    Optuna's TrialPruned, an error, each as itself), and its History returned. Where Ctrl-C is not Python's
+    default (a worker thread, a notebook), the fit runs in this thread, as plain fit does.
+
+    After a second press the worker is left to finish the step in progress (nothing stops native code); it
+    then meets the press at the batch end and ends without another step or epoch-end write. It is not a
+    daemon thread: the process, when it exits, waits for that step. Exiting under a running step tears
+    TensorFlow down under it (measured: SIGSEGV), and TensorFlow's cancellation returns the call at once but
+    leaves the step's kernels running, with the same crash at exit."""
+    with interrupts_at_batch_end() as stop:
+        callbacks = [stop, *callbacks]
+        if signal.getsignal(signal.SIGINT) != stop.press:  # not ours to take
+            return model.fit(*args, callbacks=callbacks, **kwargs)
+        outcome: dict = {}
+        ended = threading.Event()
+        settings = keras_settings()
+
+        def work():
+            use_keras_settings(settings)
+            try:
+                outcome["history"] = model.fit(*args, callbacks=callbacks, **kwargs)
+            except BaseException as err:  # any kind, KeyboardInterrupt included: the caller raises it
+                outcome["error"] = err
+            finally:
+                outcome["settings"] = keras_settings()
+                ended.set()
+
+        worker = threading.Thread(target=work, name="fit")
+        worker.start()
+        try:
+            # not worker.join(timeout): in Python 3.11 a KeyboardInterrupt inside join marks the running thread
+            # stopped, and the exiting process then no longer waits for it
+            while not ended.wait(WAIT_SLICE):
+                pass  # a second press raises KeyboardInterrupt here (StopAtBatchEnd.press)
+        except KeyboardInterrupt:
+            log.info("Ctrl-C twice: training stops; the step in progress ends in the background (an exiting "
+                     "process waits for it)")
+            raise
+        worker.join()
+        use_keras_settings(outcome["settings"])  # as if the fit had run in this thread
+        if "error" in outcome:
+            raise outcome.pop("error")  # the same exception, its traceback in the worker kept
+    return outcome["history"]
+
+
+def keras_settings() -> dict:
+    """This thread's Keras settings: Keras keeps its global state per thread (the mixed-precision policy, the
+    global random seed and seed generator, ...), and a fit run in a worker thread must see the caller's."""
+    try:
+        from keras.src.backend.common import global_state
+    except ImportError:  # a Keras that keeps them elsewhere: nothing to carry over
+        return {}
+    return dict(vars(global_state.GLOBAL_STATE_TRACKER))
+
+
+def use_keras_settings(settings: dict) -> None:
+    """Give this thread the Keras settings `keras_settings()` returned in another."""
+    if settings:
+        from keras.src.backend.common import global_state
+
+        for name, value in settings.items():
+            setattr(global_state.GLOBAL_STATE_TRACKER, name, value)

@@ -3,9 +3,11 @@
 With a frozen backbone and no augmentation, the backbone's output for an image never changes, so a head
 search needs it once. The cache lives in `<workdir>/cache/features/<key>/`, where the key is a hash of
 everything the features depend on: the backbone, the sha256 of its weights, the input size and the images
-(their keys, labels and a sample of their pixels). Each split gets two arrays, global-average and
-global-max pooled (the head's `pooling` choice picks one), and `manifest.json` is written LAST with every
-file's shape and sha256: a folder without a manifest, or with a file that does not match it (truncated,
+(their keys, labels and a sample of their pixels). Each split gets four arrays: global-average and
+global-max pooled (the head's `pooling` choice picks one), of each photo and of its mirror image (for heads
+trained with `augmentation: mirror` and for mirror test-time augmentation; a mirrored photo is as much a
+dog of its breed, and its features are not the photo's). `manifest.json` is written LAST with every file's
+shape and sha256: a folder without a manifest, or with a file that does not match it (truncated,
 overwritten, missing), is rebuilt, never used.
 """
 from __future__ import annotations
@@ -27,7 +29,8 @@ from runners.digest import file_digest
 log = logging.getLogger("search")
 SPLITS = ("train", "val", "test")
 POOLINGS = ("average", "max")
-FORMAT = 1  # bump when the layout changes: old caches then get new keys
+VIEWS = ("original", "mirror")  # each photo as it is, and flipped left to right
+FORMAT = 2  # bump when the layout changes: old caches then get new keys
 
 
 @dataclass
@@ -36,15 +39,15 @@ class FeatureSet:
 
     key: str
     folder: Path
-    arrays: dict[tuple[str, str], np.ndarray]   # (split, pooling) -> (N, D) float32
+    arrays: dict[tuple[str, str, str], np.ndarray]   # (split, pooling, view) -> (N, D) float32
     labels: dict[str, np.ndarray]
     built: bool
     build_seconds: float
     images_per_second: float
 
-    def split(self, name: str, pooling: str) -> tuple[np.ndarray, np.ndarray]:
-        """Features and labels of one split for one pooling."""
-        return self.arrays[(name, pooling)], self.labels[name]
+    def split(self, name: str, pooling: str, view: str = "original") -> tuple[np.ndarray, np.ndarray]:
+        """Features and labels of one split for one pooling, of the photos or of their mirror images."""
+        return self.arrays[(name, pooling, view)], self.labels[name]
 
 
 def data_fingerprint(data: Dataset) -> str:
@@ -75,6 +78,15 @@ def cached_features(workdir: str | Path, key: str, data: Dataset, embed) -> Feat
     return build(folder, key, data, labels, embed)
 
 
+def cached_rate(workdir: str | Path, key: str) -> float | None:
+    """Images per second the build of the features under `key` embedded at, or None when not built (or unreadable)."""
+    try:
+        return float(json.loads((Path(workdir) / "cache" / "features" / key / "manifest.json").read_text())
+                     ["images_per_second"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def load_verified(folder: Path, labels: dict[str, np.ndarray]):
     """(arrays, manifest) when every file matches the manifest and the labels, else None (with the reason logged)."""
     manifest_path = folder / "manifest.json"
@@ -91,7 +103,7 @@ def load_verified(folder: Path, labels: dict[str, np.ndarray]):
             if problem:
                 log.warning(f"feature cache {folder.name}: {name} {problem}; rebuilding")
                 return None
-            arrays[(entry["split"], entry["pooling"])] = np.load(path, mmap_mode="r")
+            arrays[(entry["split"], entry["pooling"], entry["view"])] = np.load(path, mmap_mode="r")
         return arrays, manifest
     except (OSError, ValueError, KeyError) as err:
         log.warning(f"feature cache {folder.name}: unreadable ({type(err).__name__}: {err}); rebuilding")
@@ -114,22 +126,24 @@ def file_problem(path: Path, entry: dict, rows: int) -> str | None:
 
 
 def build(folder: Path, key: str, data: Dataset, labels: dict, embed) -> FeatureSet:
-    """Embed every split, write the arrays, then the manifest (last, atomically)."""
+    """Embed every split and its mirror image, write the arrays, then the manifest (last, atomically)."""
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     started = time.perf_counter()
     arrays, files = {}, {}
     for split in SPLITS:
-        pooled = embed(data.splits[split][0])
-        for pooling, values in zip(POOLINGS, pooled):
-            name = f"{split}_{pooling}.npy"
-            values = np.ascontiguousarray(values, dtype=np.float32)
-            np.save(folder / name, values)
-            files[name] = {"split": split, "pooling": pooling, "shape": list(values.shape),
-                           "bytes": (folder / name).stat().st_size, "sha256": file_digest(folder / name)}
-            arrays[(split, pooling)] = values
+        for view in VIEWS:
+            images = data.splits[split][0]
+            pooled = embed(images[:, :, ::-1] if view == "mirror" else images)
+            for pooling, values in zip(POOLINGS, pooled):
+                name = f"{split}_{pooling}_{view}.npy"
+                values = np.ascontiguousarray(values, dtype=np.float32)
+                np.save(folder / name, values)
+                files[name] = {"split": split, "pooling": pooling, "view": view, "shape": list(values.shape),
+                               "bytes": (folder / name).stat().st_size, "sha256": file_digest(folder / name)}
+                arrays[(split, pooling, view)] = values
     seconds = time.perf_counter() - started
-    images = sum(len(v) for v in labels.values())
+    images = len(VIEWS) * sum(len(v) for v in labels.values())
     manifest = {"key": key, "files": files, "build_seconds": seconds, "images": images,
                 "images_per_second": images / max(seconds, 1e-9), "dataset": data.name,
                 "image_size": data.image_size}

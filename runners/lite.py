@@ -379,6 +379,15 @@ def weights_file(name: str = "efficientnet_lite0", cache_dir=None) -> Path:
     return target
 
 
+def weights_installed(name: str, cache_dir=None) -> bool:
+    """Whether weights_file(name) can be had without a download: its package installed, or the converted file placed."""
+    try:
+        pth_path(name)
+        return True
+    except FileNotFoundError:
+        return (_keras_models_dir(cache_dir) / _weights_name(name, variant(name).sha12)).exists()
+
+
 def _convert(name: str, pth: Path, target: Path) -> None:
     """Write the full-model Keras weights atomically so a crash never leaves a half file."""
     model = build_efficientnet_lite(name, include_top=True)

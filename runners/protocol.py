@@ -45,7 +45,8 @@ class Runner(Protocol):
         """Build, fit (validating every epoch, resuming from `checkpoint`), test once: a runners.train.TrialResult.
 
         `options`: "weights", "workdir", "data_dir", "architectures", "max_mflops" (reject bigger models),
-        "initial_weights" (a saved model of the same configuration to start from)."""
+        "initial_weights" (a saved model of the same configuration to start from), "budget_end" (Unix seconds
+        the run's time budget ends, None without one: a runner may refuse a trial that cannot end in time)."""
 
     def measure_speed(self, params: dict, data, *, options: dict | None = None) -> dict:
         """A few timed training steps of this configuration (or, where trials train on cached features, of the

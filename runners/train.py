@@ -19,7 +19,7 @@ import tensorflow as tf
 from runners.datasets import Dataset
 from runners.pipeline import evaluation_batches, training_batches
 from runners.callbacks import (Deadline, EpochCheckpoint, EpochClock, checkpoint_state,  # noqa: F401
-                               interrupts_at_batch_end)
+                               fit_interruptibly)
 from runners.protocol import ArchitectureError  # noqa: F401  (raised by the models; re-exported here)
 
 
@@ -40,6 +40,7 @@ class TrialResult:
     epochs_run: int
     test: dict[str, float] = field(default_factory=dict)
     test_probabilities: np.ndarray | None = None
+    val_probabilities: np.ndarray | None = None  # what the saved model answers on validation (for ensembles)
     model: keras.Model | None = None
     tags: dict[str, str] = field(default_factory=dict)  # runner facts for the trial's MLflow run (e.g. weights)
     resumed_from_epoch: int = 0  # epochs restored from a checkpoint rather than trained by this process
@@ -73,9 +74,9 @@ def fit_resumable(model: keras.Model, training, validation, *, epochs: int, own_
     deadlines = [c for c in callbacks if isinstance(c, Deadline)]
     others = [c for c in callbacks if not isinstance(c, Deadline)]
     started = time.perf_counter()
-    with interrupts_at_batch_end() as stop:
-        fit = model.fit(training(first), validation_data=validation, initial_epoch=first, epochs=last, verbose=0,
-                        callbacks=[stop, *own_callbacks, *deadlines, *saver, *others], **fit_args)
+    # Ctrl-C: the first press stops at the next batch end, a second at once, even inside a long step
+    fit = fit_interruptibly(model, training(first), validation_data=validation, initial_epoch=first, epochs=last,
+                            verbose=0, callbacks=[*own_callbacks, *deadlines, *saver, *others], **fit_args)
     restored = state["history"] if state else {}
     seconds = time.perf_counter() - started + sum(restored.get("epoch_seconds", []))
     history = {k: list(restored.get(k, [])) + list(fit.history.get(k, [])) for k in {*restored, *fit.history}}
@@ -104,20 +105,83 @@ WARMUP = {"one_cycle": (0.30, 1 / 25), "warmup_cosine": (0.05, 0.0)}
 
 
 def learning_rate_schedule(params: dict, steps_per_epoch: int, epochs: int):
-    """The trial's learning rate: a number, or a Keras schedule over the trial's steps."""
+    """The trial's learning rate: a number, or a Keras schedule over the trial's steps.
+
+    The curves that end at 0 (cosine, one_cycle, warmup_cosine) come as a BudgetedSchedule: a refit's
+    Deadline can bring their end forward to the last epoch that fits its time budget."""
     lr = params["learning_rate"]
     schedule = params.get("lr_schedule", "constant")
     total = max(1, epochs * steps_per_epoch)
     if schedule == "inverse_time":
         return keras.optimizers.schedules.InverseTimeDecay(lr, decay_steps=steps_per_epoch, decay_rate=0.5)
     if schedule == "cosine":
-        return keras.optimizers.schedules.CosineDecay(lr, decay_steps=total)
+        return BudgetedSchedule(keras.optimizers.schedules.CosineDecay(lr, decay_steps=total), total)
     if schedule in WARMUP:
         fraction, start = WARMUP[schedule]
         warmup = max(1, int(total * fraction))
-        return keras.optimizers.schedules.CosineDecay(lr * start, decay_steps=max(1, total - warmup),
-                                                      warmup_target=lr, warmup_steps=warmup)
+        decay = max(1, total - warmup)
+        return BudgetedSchedule(keras.optimizers.schedules.CosineDecay(lr * start, decay_steps=decay,
+                                                                       warmup_target=lr, warmup_steps=warmup),
+                                warmup + decay)
     return lr  # constant, and plateau (ReduceLROnPlateau lowers it from a callback)
+
+
+@keras.saving.register_keras_serializable(package="runners")
+class BudgetedSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """A learning-rate curve planned over `steps` steps whose end can be brought forward during training.
+
+    Until `finish_by` is called, the rate at step s is exactly curve(s). `finish_by(end, now)` makes what is
+    left of the curve after step `now` run over the steps from `now` to `end`: the rate goes on from where it
+    was, faster, and reaches the curve's end (0) at step `end`; later steps stay there. The refit's Deadline
+    calls it when fewer epochs fit before its deadline than the schedule was planned for. The end and the
+    point of the change are variables, so the compiled train step reads their values at each step.
+    Saved models keep the curve and its planned steps (get_config), not a brought-forward end; loading one
+    with its optimizer (compile=True) needs this module imported (the class registered), as for any custom
+    Keras object."""
+
+    def __init__(self, curve, steps):
+        super().__init__()
+        self.curve, self.steps = curve, float(steps)
+
+        def variable(value, name):  # float32 whatever the mixed-precision policy: step counts in bfloat16 fail
+            return keras.Variable(value, dtype="float32", trainable=False, autocast=False, name=name)
+
+        self.end = variable(self.steps, "schedule_end")          # the step at which the curve ends
+        self.since_step = variable(0.0, "schedule_since_step")   # the step of the last change of the end
+        self.since_at = variable(0.0, "schedule_since_at")       # where on the planned curve that step was
+
+    def __call__(self, step):
+        ops = keras.ops
+        step = ops.cast(step, "float32")
+        since_step, since_at = ops.convert_to_tensor(self.since_step), ops.convert_to_tensor(self.since_at)
+        # planned steps per step: exactly 1 until finish_by, so the rate is then exactly curve(step)
+        speed = (self.steps - since_at) / ops.maximum(ops.convert_to_tensor(self.end) - since_step, 1.0)
+        return self.curve(ops.minimum(since_at + (step - since_step) * speed, self.steps))
+
+    def position(self, step: float) -> float:
+        """Where on the planned curve step `step` is (the step itself until the end is brought forward)."""
+        since_step, since_at, end = (float(v.numpy()) for v in (self.since_step, self.since_at, self.end))
+        return min(since_at + (step - since_step) * (self.steps - since_at) / max(end - since_step, 1.0), self.steps)
+
+    def finish_by(self, end: float, now: float) -> bool:
+        """Make the curve end at step `end` (counted from 0, as the optimiser's iterations), continuing from its
+        value at step `now`; only ever earlier: returns False (nothing changed) when `end` is not before the
+        current end, or not after `now`."""
+        end, now = float(end), float(now)
+        if not now < end < float(self.end.numpy()):
+            return False
+        at = self.position(now)
+        self.since_step.assign(now)
+        self.since_at.assign(at)
+        self.end.assign(end)
+        return True
+
+    def get_config(self):
+        return {"curve": keras.saving.serialize_keras_object(self.curve), "steps": self.steps}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(keras.saving.deserialize_keras_object(config["curve"]), config["steps"])
 
 
 def make_optimizer(params: dict, steps_per_epoch: int, epochs: int) -> keras.optimizers.Optimizer:

@@ -39,7 +39,8 @@ class SearchConfig:
     max_inference_ms: float | None = None  # constraint: models slower per image are infeasible
     seed: int = 0                          # study seed; trial t trains with seed*1000 + t
     max_failures: int = 5                  # failed trials in a row before the invocation stops
-    keep_models: int = 3                   # models of the best K trials kept on disk
+    keep_models: int | None = None         # models of the best K trials kept on disk (None: the space's
+                                           # budget.keep_models, else KEEP_MODELS)
     warm_start: str | None = None          # STUDY[:K]: enqueue the K best configurations of STUDY
     workers: int = 1                       # processes sharing the study (journal storage by default)
     mixed_precision: bool | None = None    # None = on for GPUs that support it
@@ -151,6 +152,11 @@ TARGET_WAIT_SECONDS = 2    # a trial that may be surplus (workers racing for the
 # MLflow (search/tracking.py).
 SYSTEM_METRICS_SECONDS = 10  # a sample of CPU, memory, disk and network per trial run every 10 s: nothing a
                              # trial would notice, and a 30 s trial still gets its figures
+
+# Kept models and the ensemble (search/trial.py, search/ensemble.py).
+KEEP_MODELS = 3            # models of the best K trials kept on disk unless the space or --keep-models says otherwise
+ENSEMBLE_ROUNDS = 20       # greedy forward selection (Caruana et al. 2004) adds one member per round, with
+                           # replacement, for at most this many rounds; the best round's ensemble is the one kept
 
 # Data (search/setup.py).
 DATA_SIZES_KEPT = 2        # image sizes a study keeps loaded at once: a dogs study at 3 sizes held 3 copies (GB)

@@ -58,10 +58,12 @@ def shared_files(workdir: str | Path) -> list[dict]:
 
 
 def remove_models_except(workdir: str | Path, study: str, keep: int) -> tuple[list[str], int]:
-    """Delete a study's kept models but trial `keep`'s: the file names removed and the bytes freed."""
+    """Delete a study's kept models (and their saved predictions, and the ensemble) but trial `keep`'s: the file
+    names removed and the bytes freed. Registered models live on in MLflow's artifacts."""
     removed, freed = [], 0
-    for path in sorted((Path(workdir).expanduser() / "models" / study).glob("trial-*.keras")):
-        if path.name != f"trial-{keep}.keras":
+    folder = Path(workdir).expanduser() / "models" / study
+    for path in sorted([*folder.glob("trial-*.*"), *folder.glob("ensemble.keras")]):
+        if not path.name.startswith(f"trial-{keep}."):
             freed += folder_bytes(path)
             removed.append(path.name)
             path.unlink()

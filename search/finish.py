@@ -32,6 +32,7 @@ class SearchSummary:
     stopped: str = "target"
     stop_details: dict = field(default_factory=dict)
     budget_started: float | None = None  # time.time() the time budget began (SearchConfig.budget_started)
+    ensemble: str | None = None          # the registered ensemble, when one beat the best trial (search/ensemble.py)
 
 
 @dataclass
@@ -75,26 +76,39 @@ def finish_invocation(setup: RunSetup, parent: str, summary: SearchSummary, stat
                                            "search.best_params": json.dumps(best.params, default=str)})
         try:  # results are for people: a failure here must not hide how the invocation ended
             log_best_model(setup, best)
-            register_and_report(setup, best, study)
+            summary.ensemble = register_and_report(setup, parent, best, study)
         except Exception as err:
             log.warning(f"could not register the best model or write the study report: {type(err).__name__}: {err}")
     tracking.set_tags(client, parent, {"search.stopped": summary.stopped, **summary.stop_details})
     client.set_terminated(parent, status)
 
 
-def register_and_report(setup: RunSetup, best: BestTrial, study) -> None:
-    """Register the best trial's kept model as `<study>-best` and write the study report."""
-    from search import registry, report
+def register_and_report(setup: RunSetup, parent: str, best: BestTrial, study) -> str | None:
+    """Register as `<study>-best` the ensemble of the kept trials when it beats the best trial on validation,
+    else the best trial's kept model; write the study report. Returns a line on the ensemble, or None."""
+    from search import ensemble, registry, report
     from search.results import leaderboard
 
     keras_path = setup.models / f"trial-{best.number}.keras"
-    if keras_path.is_file() and setup.data_cache and best.run_id:
+    combined = ensemble.build_and_log(setup, parent) if setup.data_cache else None
+    said = None
+    if combined is not None:
+        found, run_id, path = combined
+        image_size = int(setup.client.get_run(best.run_id).data.params.get("image_size", 0)) if best.run_id else 0
+        version = registry.register_best(setup.client, setup.study_name, run_id, path, class_names(setup),
+                                         image_size or next(iter(setup.data_cache)), f"ensemble {found.members_text()}",
+                                         found.val_accuracy)
+        said = (f"ensemble of trials {found.members_text()}: val {found.val_accuracy:.4f}, test "
+                f"{found.test_accuracy:.4f} (models:/{version.name}/{version.version})")
+        log.info(f"best model: models:/{version.name}/{version.version} (the ensemble)")
+    elif keras_path.is_file() and setup.data_cache and best.run_id:
         version = registry.register_trial(setup.client, setup.study_name, best.run_id, keras_path,
                                           class_names(setup), best.number, best.value)
         log.info(f"best model: models:/{version.name}/{version.version} (trial {best.number})")
     table = leaderboard([setup.study_name], setup.tracking_uri)
     report.log_study_report(setup.client, setup.experiment_id, setup.study_name, study, table,
                             setup.workdir / "reports")
+    return said
 
 
 def log_best_model(setup: RunSetup, best: BestTrial) -> None:
@@ -107,5 +121,7 @@ def log_best_model(setup: RunSetup, best: BestTrial) -> None:
         return
     import keras
 
-    uri = tracking.log_keras_model(setup.client, best.run_id, keras.models.load_model(path))
+    # without its optimizer: a compiled model's learning-rate schedule (runners.train.BudgetedSchedule) would
+    # make MLflow's keras flavour need this repository to load it
+    uri = tracking.log_keras_model(setup.client, best.run_id, keras.models.load_model(path, compile=False))
     tracking.set_tags(setup.client, best.run_id, {"search.model_uri": uri})

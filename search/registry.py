@@ -80,8 +80,10 @@ def log_classifier(client: MlflowClient, run_id: str, keras_path: Path, class_na
 
 
 def register_best(client: MlflowClient, study: str, run_id: str, keras_path: Path, class_names: list[str],
-                  image_size: int, trial_number: int, val_accuracy: float) -> ModelVersion:
-    """Register a trial's model as `<study>-best` unless that trial is already a version; returns the version."""
+                  image_size: int, trial_number: int | str, val_accuracy: float) -> ModelVersion:
+    """Register a trial's model as `<study>-best` unless that trial is already a version; returns the version.
+
+    `trial_number` may be a text naming what else the model is (an ensemble: 'ensemble 3 (50%), 7 (50%)')."""
     name = registered_name(study)
     existing = version_of_trial(client, name, run_id)
     if existing is not None:
@@ -94,7 +96,8 @@ def register_best(client: MlflowClient, study: str, run_id: str, keras_path: Pat
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     client.update_model_version(name, version, description=(
-        f"Best trial {trial_number} of study {study}: validation accuracy {val_accuracy:.4f}, "
+        f"{'Best trial ' if isinstance(trial_number, int) else 'The '}{trial_number} of study {study}: "
+        f"validation accuracy {val_accuracy:.4f}, "
         f"{len(class_names)} classes at {image_size}px. Input: image paths, bytes or base64 text."))
     client.set_tag(run_id, "search.registered_model", f"models:/{name}/{version}")
     return client.get_model_version(name, version)

@@ -183,6 +183,8 @@ def run_command(argv: list[str] | None) -> int:
         print(f"\nstudy {summary.study_name}: {summary.counted - summary.refits} of {summary.target} trials{refits} "
               f"(this run: {summary.trials_run}); best val_accuracy "
               f"{'-' if summary.best_value is None else f'{summary.best_value:.4f}'} (trial {summary.best_trial})")
+        if summary.ensemble:
+            print(f"registered: the {summary.ensemble}")
         print(to_text(table.head(5), "md"))
         print(f"\nMLflow UI:   mlflow ui --backend-store-uri {summary.tracking_uri}")
         print(f"leaderboard: python -m search.results --study {summary.study_name} --format md")

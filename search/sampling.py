@@ -72,11 +72,14 @@ def pruner_name(config: SearchConfig, timeout: float | None, objectives: list[st
     return config.pruner
 
 
-def refit_fraction(config: SearchConfig, timeout: float | None, objectives: list[str]) -> float:
-    """The fraction of --timeout kept for the refit: `auto` is REFIT_AUTO when time is the budget and the study
-    has one objective (there is then one best configuration to retrain), else 0; a bad fraction is a ConfigError."""
+def refit_fraction(config: SearchConfig, timeout: float | None, objectives: list[str],
+                   space_refit: float | None = None) -> float:
+    """The fraction of --timeout kept for the refit: `auto` is the space's `budget.refit` (else REFIT_AUTO) when
+    time is the budget and the study has one objective (there is then one best configuration to retrain), else 0;
+    a bad fraction is a ConfigError."""
     if str(config.refit).strip().lower() == "auto":
-        return REFIT_AUTO if timeout and len(objectives) == 1 else 0.0
+        wanted = REFIT_AUTO if space_refit is None else space_refit
+        return wanted if timeout and len(objectives) == 1 else 0.0
     try:
         fraction = float(config.refit)
     except (TypeError, ValueError):

@@ -4,13 +4,14 @@ the data, the MLflow experiment. Any problem here is a ConfigError (exit 2) befo
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from search import space as spaces
 from search import tracking
-from search.config import DATA_SIZES_KEPT, SearchConfig
+from search.config import DATA_SIZES_KEPT, KEEP_MODELS, SearchConfig
 from search.errors import ConfigError
 from search.stores import artifact_root, tracking_uri
 
@@ -48,6 +49,19 @@ class RunSetup:
     data_cache: dict = field(default_factory=dict)  # loaded datasets by image size, shared by the trials
     # a completed trial's evaluation is logged and its run closed here while the next trial starts
     background: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=1))
+    prepared_at: float = field(default_factory=time.time)  # when the time budget began if the config says nothing
+
+    @property
+    def keep_models(self) -> int:
+        """How many of the best trials' models stay on disk: --keep-models, else the space's, else KEEP_MODELS."""
+        return self.config.keep_models or self.space.budget.get("keep_models") or KEEP_MODELS
+
+    @property
+    def budget_end(self) -> float | None:
+        """Unix seconds the run's time budget ends (None: no time budget)."""
+        if not self.timeout:
+            return None
+        return (self.config.budget_started or self.prepared_at) + self.timeout
 
     @property
     def workdir(self) -> Path:
@@ -172,4 +186,5 @@ def runner_options(setup: RunSetup) -> dict:
     """Run-wide settings a runner may need besides the trial's parameters (runners/protocol.py)."""
     c = setup.config
     return {"weights": c.weights, "workdir": str(setup.workdir), "data_dir": c.data_dir,
-            "architectures": setup.space.architectures, "max_mflops": setup.space.budget.get("max_mflops")}
+            "architectures": setup.space.architectures, "max_mflops": setup.space.budget.get("max_mflops"),
+            "budget_end": setup.budget_end}

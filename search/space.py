@@ -22,7 +22,8 @@ from search.errors import ConfigError
 TOP_KEYS = {"name", "description", "model", "dataset", "budget", "params", "datasets", "recipes", "fidelity",
             "architectures", "baselines"}
 BUDGET_KEYS = {"trials": int, "epochs": int, "patience": int, "subset": (int, type(None)),
-               "timeout": (int, float, type(None)), "max_mflops": (int, float, type(None))}
+               "timeout": (int, float, type(None)), "max_mflops": (int, float, type(None)),
+               "refit": (int, float), "keep_models": int}
 PARAM_KEYS = {"type", "low", "high", "step", "log", "choices", "default", "when", "value", "grid"}
 PARAM_TYPES = ("int", "float", "categorical", "fixed")
 DATASET_KINDS = ("cifar10", "stanford_dogs", "folder")
@@ -315,7 +316,9 @@ def check_budget(budget: dict, where: str) -> None:
     for key, value in budget.items():
         if isinstance(value, bool) or not isinstance(value, BUDGET_KEYS[key]):
             raise SpaceError(f"{where}.{key}: expected a number, got {value!r}")
-        if value is not None and value <= 0:
+        if key == "refit" and not 0 <= value < 1:  # a fraction of the timeout; 0 = no refit
+            raise SpaceError(f"{where}.refit: give a fraction of the timeout from 0 (no refit) to below 1, got {value}")
+        if key != "refit" and value is not None and value <= 0:
             raise SpaceError(f"{where}.{key}: must be positive, got {value}")
 
 

@@ -24,7 +24,7 @@ from search.errors import ConfigError
 from search.config import SYSTEM_METRICS_SECONDS
 from search.stores import redact
 
-ROLE = "search.role"  # 'invocation' (parent), 'trial', or 'study' (the study-level report run)
+ROLE = "search.role"  # 'invocation' (parent), 'trial', 'ensemble' (search/ensemble.py), or 'study' (the report run)
 
 
 # A tracking server is asked once, quickly: MLflow's defaults (7 retries with back-off, 120 s per request) would
@@ -168,6 +168,15 @@ def start_trial_run(client: MlflowClient, exp_id: str, parent_id: str, study: st
     values = {**params, **context}
     client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in values.items()])
     return run_id
+
+
+def start_ensemble_run(client: MlflowClient, exp_id: str, parent_id: str, study: str, metrics: dict,
+                       tags: dict) -> str:
+    """The ensemble's run, nested under the parent, with its scores and members (search/ensemble.py)."""
+    run = client.create_run(exp_id, run_name="ensemble", tags={
+        "mlflow.parentRunId": parent_id, ROLE: "ensemble", "optuna.study": study, **tags})
+    log_metrics(client, run.info.run_id, metrics)
+    return run.info.run_id
 
 
 def reopen_trial_run(client: MlflowClient, run_id: str, parent_id: str, number: int, tags: dict) -> None:

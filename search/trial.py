@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from search import tracking
 from search.setup import RunSetup, dataset_at, runner_options
 
@@ -180,12 +182,15 @@ def keep_model(setup: RunSetup, number: int, result, others: list[tuple[float, i
     folder = setup.models
     # ties go to the earlier trial, as the best trial does (max keeps the first of equals)
     ranked = sorted(others + [(result.val_accuracy, number)], key=lambda vn: (-vn[0], vn[1]))
-    keep = {n for _, n in ranked[: setup.config.keep_models]}
+    keep = {n for _, n in ranked[: setup.keep_models]}
     if number in keep:
         folder.mkdir(parents=True, exist_ok=True)
         result.model.save(folder / f"trial-{number}.keras")
-    for path in folder.glob("trial-*.keras"):
-        if int(path.stem.split("-")[1]) not in keep:
+        if result.val_probabilities is not None and result.test_probabilities is not None:  # ensemble candidate
+            np.savez(folder / f"trial-{number}.predictions.npz", val=result.val_probabilities,
+                     test=result.test_probabilities)
+    for path in folder.glob("trial-*.*"):
+        if int(path.name.split(".")[0].split("-")[1]) not in keep:
             path.unlink()
 
 

@@ -38,9 +38,9 @@ def small_dogs(dogs_dir, workdir, image_size=96, breeds=3, subset=30):
 
 
 def default_params(**changes) -> dict:
-    """The transfer space's default trial, with changes."""
+    """The transfer space's default trial on EfficientNet-Lite0 (the fastest to embed), with changes."""
     params = spaces.default_params(spaces.load_space("transfer"))
-    params.update(changes)
+    params.update({"backbone": "efficientnet_lite0", **changes})
     return params
 
 
@@ -75,6 +75,21 @@ def test_missing_weights_offline_stop_the_run_naming_the_file_and_folder(dogs_di
     assert "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_96_no_top.h5" in str(err.value)
     assert str(transfer.keras_models_dir()) in str(err.value)
     assert not (workdir / "optuna.db").exists()  # stopped before any trial
+
+
+def test_without_backbone_flag_only_backbones_whose_weights_are_here_are_searched(dogs_dir, workdir):
+    config = SearchConfig(space="transfer", data_dir=str(dogs_dir), breeds="3", subset=30, image_size=96,
+                          workdir=str(workdir))
+    write_keras_cache_file("mobilenet_v2", 96)
+    choices = prepare(config).space.params["backbone"].choices
+    assert "efficientnet_lite0+efficientnet_lite1+efficientnet_lite2" in choices and "mobilenet_v2" in choices
+    assert "resnet50" not in choices  # its weights are not in Keras's cache here
+    config.backbone = "efficientnet_lite1+efficientnet_lite0,efficientnet_lite2"  # a combination is named in order
+    with pytest.raises(ConfigError, match="efficientnet_lite1\\+efficientnet_lite0: not in the space's backbones"):
+        prepare(config)
+    config.backbone = "efficientnet_lite0+efficientnet_lite1+efficientnet_lite2,efficientnet_lite2"
+    assert prepare(config).space.params["backbone"].choices == (
+        "efficientnet_lite0+efficientnet_lite1+efficientnet_lite2", "efficientnet_lite2")
 
 
 def test_backbone_flag_narrows_the_choice_and_rejects_unknown_names(dogs_dir, workdir):
@@ -122,13 +137,110 @@ def test_a_damaged_feature_file_is_detected_and_rebuilt(dogs_dir, workdir):
     lite0 = BACKBONES["efficientnet_lite0"]
     weights = resolve_weights(lite0, 96, None)
     first, _ = transfer.feature_set(data, lite0, weights, workdir)
-    damaged = first.folder / "train_average.npy"
+    damaged = first.folder / "train_average_original.npy"
     damaged.write_bytes(damaged.read_bytes()[:-100])
     rebuilt, _ = transfer.feature_set(data, lite0, weights, workdir)
     assert rebuilt.built
     np.testing.assert_allclose(rebuilt.split("train", "average")[0], first.split("train", "average")[0], atol=1e-4)
     (rebuilt.folder / "manifest.json").unlink()  # an interrupted build: arrays without a manifest
     assert transfer.feature_set(data, lite0, weights, workdir)[0].built
+
+
+def test_the_cache_holds_each_photos_mirror_image_features_too(dogs_dir, workdir):
+    data = small_dogs(dogs_dir, workdir, image_size=64, subset=12)
+    lite0 = BACKBONES["efficientnet_lite0"]
+    cache, backbone_model = transfer.feature_set(data, lite0, resolve_weights(lite0, 64, None), workdir)
+    images = data.splits["val"][0]
+    embed = transfer.embedder(backbone_model, lite0, 64)
+    np.testing.assert_allclose(cache.split("val", "average", "mirror")[0], embed(images[:, :, ::-1])[0], atol=1e-4)
+    assert not np.allclose(cache.split("val", "average", "mirror")[0], cache.split("val", "average")[0], atol=1e-3)
+
+
+# ---------------------------------------------------------------- several backbones, mirror images
+
+
+def test_several_backbones_train_one_head_on_their_cached_features_and_the_saved_model_takes_images(dogs_dir,
+                                                                                                   workdir):
+    data = small_dogs(dogs_dir, workdir, image_size=64)
+    params = default_params(backbone="efficientnet_lite0+efficientnet_lite1", augmentation="mirror", batch_size=16)
+    result = transfer.train_and_evaluate(params, data, epochs=2, patience=2, seed=0, recipes={},
+                                         options={"workdir": str(workdir)})
+    assert result.tags["search.feature_cache"] == "built,built"  # one cache per backbone
+    assert len(result.tags["search.weights_sha256"].split(",")) == 2
+    head = result.model.get_layer("head")
+    assert head.input_shape[-1] == 1280 + 1280  # Lite0's and Lite1's pooled features side by side
+    path = workdir / "combined.keras"
+    result.model.save(path)
+    loaded = keras.models.load_model(path, compile=False)
+    images = data.splits["test"][0].astype("float32")
+    np.testing.assert_allclose(loaded.predict(images, verbose=0), result.test_probabilities, atol=1e-4)
+    again = transfer.train_and_evaluate(default_params(backbone="efficientnet_lite1", batch_size=16), data,
+                                        epochs=1, patience=1, seed=0, recipes={}, options={"workdir": str(workdir)})
+    assert again.tags["search.feature_cache"] == "reused"  # Lite1 alone reads the combination's Lite1 cache
+
+
+def test_a_head_on_several_backbones_starts_as_the_mean_of_their_imagenet_classifiers(dogs_dir, workdir):
+    from runners import feature_heads
+
+    data = small_dogs(dogs_dir, workdir, image_size=64)
+    backbones = transfer.members("efficientnet_lite0+efficientnet_lite1")
+    weights = [resolve_weights(b, 64, None) for b in backbones]
+    caches = [feature_heads.feature_set(data, b, w, workdir)[0] for b, w in zip(backbones, weights)]
+    head = feature_heads.build_head(default_params(dropout=0.0), 2560, 3)
+    blocks = [np.asarray(c.split("train", "average")[0]) for c in caches]
+    classifiers = [transfer.imagenet_classifier(b, w) for b, w in zip(backbones, weights)]
+    matched = feature_heads.init_from_imagenet(head, classifiers, blocks, caches[0].labels["train"])
+    x = feature_heads.stacked(caches, "val", "average")
+    logits = [block @ k[:, m] + b[m] for block, (k, b), m in
+              zip([np.asarray(c.split("val", "average")[0]) for c in caches], classifiers, matched)]
+    expected = keras.ops.convert_to_numpy(keras.ops.softmax((logits[0] + logits[1]) / 2))
+    np.testing.assert_allclose(head.predict(x, verbose=0), expected, atol=1e-4)
+
+
+def test_mirror_tta_is_part_of_the_saved_model_and_matches_the_cached_mirror_images(dogs_dir, workdir):
+    from runners import feature_heads
+
+    data = small_dogs(dogs_dir, workdir, image_size=64)
+    params = default_params(batch_size=16)
+    result = transfer.train_and_evaluate(params, data, epochs=1, patience=1, seed=0, recipes={},
+                                         options={"workdir": str(workdir)})
+    plain, tta = (float(result.tags[f"search.val_accuracy_{k}"]) for k in ("plain", "mirror_tta"))
+    adopted = result.tags["search.mirror_tta"] == "adopted"
+    assert adopted == (tta > plain) and result.val_accuracy == pytest.approx(tta if adopted else plain, abs=1e-4)
+    backbone = BACKBONES[params["backbone"]]
+    cache, backbone_model = feature_heads.feature_set(data, backbone, resolve_weights(backbone, 64, None), workdir)
+    head = result.model.get_layer("head")
+    with_mirror = feature_heads.build_model([backbone_model], [backbone], head, params, 64, mirror_tta=True)
+    path = workdir / "tta.keras"
+    with_mirror.save(path)
+    answers = keras.models.load_model(path, compile=False).predict(data.splits["test"][0].astype("float32"), verbose=0)
+    np.testing.assert_allclose(answers, feature_heads.predict(head, [cache], "test", "average", True), atol=1e-4)
+    assert not np.allclose(answers, feature_heads.predict(head, [cache], "test", "average", False), atol=1e-4)
+
+
+def test_a_combination_that_would_train_through_its_backbones_is_refused(dogs_dir, workdir):
+    data = small_dogs(dogs_dir, workdir, image_size=64, subset=12)
+    params = default_params(backbone="efficientnet_lite0+efficientnet_lite1", augmentation="flip")
+    with pytest.raises(transfer.ArchitectureError, match="cached features only"):
+        transfer.train_and_evaluate(params, data, epochs=1, patience=1, seed=0, recipes={},
+                                    options={"workdir": str(workdir)})
+
+
+def test_under_a_time_budget_an_epoch_through_the_backbone_that_cannot_end_in_time_is_refused(dogs_dir, workdir):
+    import time
+
+    data = small_dogs(dogs_dir, workdir, image_size=64, subset=12)
+    lite0 = BACKBONES["efficientnet_lite0"]
+    transfer.feature_set(data, lite0, resolve_weights(lite0, 64, None), workdir)  # its embedding rate is known
+    params = default_params(mode="fine_tune", augmentation="flip", head_init="random", batch_size=16,
+                            unfreeze_layers=10, fine_tune_epochs=1, fine_tune_lr_factor=0.1)
+    recipes = spaces.load_space("transfer").recipes
+    with pytest.raises(transfer.ArchitectureError, match="more than the 0 s the time budget has left"):
+        transfer.train_and_evaluate(params, data, epochs=1, patience=1, seed=0, recipes=recipes,
+                                    options={"workdir": str(workdir), "budget_end": time.time() - 1})
+    result = transfer.train_and_evaluate(params, data, epochs=1, patience=1, seed=0, recipes=recipes,
+                                         options={"workdir": str(workdir), "budget_end": time.time() + 3600})
+    assert result.epochs_run == 2
 
 
 # ---------------------------------------------------------------- trials and studies
@@ -188,7 +300,7 @@ def head_only_space(folder: Path) -> Path:
     """The shipped transfer space with the backbone frozen and no augmentation: every trial can use the cache."""
     text = (Path(spaces.find_space_file("transfer"))).read_text()
     text = text.replace("mode: {type: categorical, choices: [frozen, fine_tune], default: frozen}", "mode: frozen")
-    text = text.replace("augmentation: {type: categorical, choices: [none, flip, flip_crop], default: none}",
+    text = text.replace("augmentation: {type: categorical, choices: [mirror, none, flip, flip_crop], default: mirror}",
                         "augmentation: none")
     path = folder / "head_only.yaml"
     path.write_text("\n".join(line for line in text.splitlines() if "when: {mode: [fine_tune]}" not in line))

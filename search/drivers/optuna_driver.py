@@ -59,7 +59,7 @@ def check_flags(config: SearchConfig, space: spaces.Space, timeout: float | None
     """--objectives, --refit, --pruner, --warm-start and --baselines, before any data is loaded or any store
     written: a command that fails its checks creates no study."""
     objectives = parse_objectives(config.objectives)
-    refit_fraction(config, timeout, objectives)
+    refit_fraction(config, timeout, objectives, space.budget.get("refit"))
     pruner_name(config, timeout, objectives)
     if config.warm_start:
         find_study(config.warm_start.partition(":")[0], None, config.workdir)  # its error lists the known studies
@@ -70,7 +70,7 @@ def check_flags(config: SearchConfig, space: spaces.Space, timeout: float | None
 
 def _open_study(config: SearchConfig, run: RunSetup) -> Setup:
     objectives = parse_objectives(config.objectives)
-    refit = refit_fraction(config, run.timeout, objectives)
+    refit = refit_fraction(config, run.timeout, objectives, run.space.budget.get("refit"))
     storage_url = optuna_storage_url(config)
     storage = open_storage(storage_url)
     # a server or journal store may be shared by workers on other hosts even when this one runs alone

@@ -1,0 +1,137 @@
+"""Ensemble selection over a study's kept models: greedy forward selection on validation (Caruana et al. 2004,
+as auto-sklearn does), registered as the study's model only when it beats the best single trial.
+
+Every kept trial whose runner reported validation probabilities (transfer heads on cached features do) saved
+them beside its model (`models/<study>/trial-N.predictions.npz`, validation and test). Selection starts from
+nothing and adds, with replacement, the kept trial that makes the average of the members' probabilities most
+accurate on validation, for up to ENSEMBLE_ROUNDS rounds; the best round's members, weighted by how often
+each was picked, make the ensemble. Test accuracy is computed for the report only, never to choose.
+
+The ensemble is a Keras model of standard layers (each member's own model, its answer scaled by its weight,
+summed), so the registered pyfunc serves it as it serves one trial's model. Members that share a backbone
+each run it: an ensemble predicts about as many times slower as it has distinct members.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from search import tracking
+from search.config import ENSEMBLE_ROUNDS
+
+log = logging.getLogger("search")
+
+
+@dataclass
+class Ensemble:
+    """The chosen members and how it scores."""
+
+    weights: dict[int, float]      # trial number -> share of the average (sums to 1)
+    val_accuracy: float
+    best_single: tuple[int, float]  # (trial, validation accuracy) of the best kept member candidate
+    test_accuracy: float
+    test_top3_accuracy: float
+    test_probabilities: np.ndarray
+
+    @property
+    def beats_best_single(self) -> bool:
+        """Whether the ensemble is more accurate on validation than the best single trial."""
+        return self.val_accuracy > self.best_single[1] and len(self.weights) > 1
+
+    def members_text(self) -> str:
+        """'3 (50%), 7 (25%), 12 (25%)'."""
+        return ", ".join(f"{n} ({w:.0%})" for n, w in sorted(self.weights.items(), key=lambda nw: -nw[1]))
+
+
+def accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy of class probabilities."""
+    return float(np.mean(probabilities.argmax(axis=1) == labels))
+
+
+def greedy_selection(val: dict[int, np.ndarray], labels: np.ndarray, rounds: int = ENSEMBLE_ROUNDS) -> dict[int, int]:
+    """Trial -> times picked: forward selection with replacement maximising validation accuracy of the mean.
+
+    Each round adds the candidate whose addition is most accurate (ties: the lower log loss, then the lower
+    trial number); the round with the best accuracy (earliest of equals) ends the selection."""
+    total, counts, best, best_counts = None, {}, -1.0, {}
+    for size in range(1, rounds + 1):
+        def score(n: int) -> tuple[float, float, int]:
+            mean = (val[n] if total is None else total + val[n]) / size
+            log_loss = -np.mean(np.log(np.clip(mean[np.arange(len(labels)), labels], 1e-7, 1.0)))
+            return accuracy(mean, labels), -log_loss, -n
+
+        chosen = max(val, key=score)
+        total = val[chosen] if total is None else total + val[chosen]
+        counts[chosen] = counts.get(chosen, 0) + 1
+        if accuracy(total / size, labels) > best:
+            best, best_counts = accuracy(total / size, labels), dict(counts)
+    return best_counts
+
+
+def select(folder: Path, data) -> Ensemble | None:
+    """The ensemble of the kept trials in `folder` on `data`'s validation split; None with fewer than two."""
+    saved = {int(p.name.split(".")[0].split("-")[1]): p for p in folder.glob("trial-*.predictions.npz")}
+    saved = {n: p for n, p in saved.items() if (folder / f"trial-{n}.keras").is_file()}
+    if len(saved) < 2:
+        return None
+    arrays = {n: np.load(p) for n, p in saved.items()}
+    y_val, y_test = data.splits["val"][1], data.splits["test"][1]
+    val = {n: a["val"].astype(np.float64) for n, a in arrays.items()}
+    counts = greedy_selection(val, y_val)
+    picked = sum(counts.values())
+    weights = {n: c / picked for n, c in counts.items()}
+    singles = {n: accuracy(v, y_val) for n, v in val.items()}
+    best_single = max(sorted(singles.items()), key=lambda ns: ns[1])
+    test = sum(w * arrays[n]["test"].astype(np.float64) for n, w in weights.items())
+    top3 = np.argsort(test, axis=1)[:, -3:]
+    return Ensemble(weights, accuracy(sum(w * val[n] for n, w in weights.items()), y_val), best_single,
+                    accuracy(test, y_test), float(np.mean((top3 == y_test[:, None]).any(axis=1))), test)
+
+
+def ensemble_model(folder: Path, weights: dict[int, float]):
+    """One Keras model taking images: each member's model, its answer scaled by its weight, summed."""
+    import keras
+    from keras import layers
+
+    members = {n: keras.models.load_model(folder / f"trial-{n}.keras", compile=False) for n in weights}
+    first = next(iter(members.values()))
+    inputs = keras.Input(first.input_shape[1:], name="image")
+    answers = []
+    for n, model in members.items():  # renamed: two members may carry the same model name
+        member = keras.Model(model.inputs[0], model.outputs[0], name=f"trial_{n}")
+        answers.append(layers.Rescaling(weights[n], name=f"weight_{n}")(member(inputs)))
+    outputs = answers[0] if len(answers) == 1 else layers.Add(name="ensemble")(answers)
+    return keras.Model(inputs, outputs, name="ensemble")
+
+
+def build_and_log(setup, parent: str) -> tuple[Ensemble, str, Path] | None:
+    """Select the ensemble of the kept trials; when it beats the best single trial, save its Keras model and
+    record it as an MLflow run (`search.role=ensemble`) under the parent. (ensemble, run id, model path), or
+    None when there is nothing to combine or the ensemble does not beat the best trial."""
+    from search.setup import class_names
+
+    data = next(iter(setup.data_cache.values()))  # the run's data (every trial's split is the same)
+    found = select(setup.models, data)
+    if found is None:
+        return None
+    if not found.beats_best_single:
+        log.info(f"ensemble: not used, the best of the kept trials alone (trial {found.best_single[0]}, val "
+                 f"{found.best_single[1]:.4f}) is as accurate on validation as any combination of them")
+        return None
+    path = setup.models / "ensemble.keras"
+    ensemble_model(setup.models, found.weights).save(path)
+    run_id = tracking.start_ensemble_run(setup.client, setup.experiment_id, parent, setup.study_name, {
+        "val_accuracy": found.val_accuracy, "test_accuracy": found.test_accuracy,
+        "test_top3_accuracy": found.test_top3_accuracy, "members": len(found.weights),
+        "best_single_val_accuracy": found.best_single[1]}, {
+        "search.ensemble_members": found.members_text(), "search.best_single_trial": str(found.best_single[0])})
+    from search.evaluation import log_evaluation
+
+    log_evaluation(setup.client, run_id, data.splits["test"][1], found.test_probabilities, class_names(setup))
+    setup.client.set_terminated(run_id, "FINISHED")
+    log.info(f"ensemble: trials {found.members_text()}: val {found.val_accuracy:.4f} against {found.best_single[1]:.4f} "
+             f"for trial {found.best_single[0]} alone (test {found.test_accuracy:.4f})")
+    return found, run_id, path

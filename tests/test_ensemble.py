@@ -1,0 +1,100 @@
+"""Ensemble selection over a study's kept models: the greedy choice, the one Keras model, what gets registered."""
+import keras
+import mlflow
+import numpy as np
+import optuna
+from mlflow import MlflowClient
+
+from search import ensemble, finish
+from search.config import SearchConfig
+from search.drivers import run_search
+from search.setup import prepare_run
+
+
+def one_hot_answers(right: np.ndarray, labels: np.ndarray, classes: int = 3) -> np.ndarray:
+    """Where `right`: 0.8 on the true class; elsewhere a near miss, 0.5 on the next class and 0.3 on the true one."""
+    answers = np.zeros((len(labels), classes))
+    for i, (label, ok) in enumerate(zip(labels, right)):
+        answers[i, label] = 0.8 if ok else 0.3
+        if not ok:
+            answers[i, (label + 1) % classes] = 0.5
+        rest = answers[i] == 0
+        answers[i, rest] = (1 - answers[i].sum()) / max(rest.sum(), 1)
+    return answers
+
+
+def test_greedy_selection_adds_the_member_that_fixes_the_others_mistakes_and_stops_at_the_best_round():
+    labels = np.arange(12) % 3
+    index = np.arange(12)
+    val = {0: one_hot_answers(index < 8, labels),   # right on the first two thirds
+           1: one_hot_answers(index >= 4, labels),  # right on the last two thirds; near misses elsewhere
+           2: one_hot_answers(index < 4, labels)}   # right on the first third only
+    counts = ensemble.greedy_selection(val, labels, rounds=5)
+    assert set(counts) == {0, 1}  # together they are right everywhere; trial 2 adds nothing
+    mean = sum(c * val[n] for n, c in counts.items()) / sum(counts.values())
+    assert ensemble.accuracy(mean, labels) == 1.0
+    assert ensemble.greedy_selection({0: val[0]}, labels) == {0: 1}
+
+
+def test_a_transfer_studys_ensemble_is_one_keras_model_answering_as_its_members_average(dogs_dir, workdir):
+    config = SearchConfig(space="transfer", backbone="efficientnet_lite0", dataset="stanford_dogs",
+                          data_dir=str(dogs_dir), breeds="4", subset=40, image_size=64, trials=3, epochs=2,
+                          sampler="random", timeout=0, workdir=str(workdir))
+    summary = run_search(config)
+    setup = prepare_run(config, "", check=lambda space, budget: None)
+    data = next(iter(setup.data_cache.values()))
+    saved = sorted(setup.models.glob("trial-*.predictions.npz"))
+    assert len(saved) >= 2  # every kept transfer trial saved its validation and test answers
+    found = ensemble.select(setup.models, data)
+    assert abs(sum(found.weights.values()) - 1) < 1e-9 and found.val_accuracy >= found.best_single[1]
+
+    members = [int(p.name.split(".")[0].split("-")[1]) for p in saved[:2]]
+    halves = {n: 0.5 for n in members}
+    combined = ensemble.ensemble_model(setup.models, halves)
+    images = data.splits["test"][0].astype("float32")
+    own = {n: keras.models.load_model(setup.models / f"trial-{n}.keras", compile=False).predict(images, verbose=0)
+           for n in members}
+    answers = combined.predict(images, verbose=0)
+    np.testing.assert_allclose(answers, sum(0.5 * own[n] for n in members), atol=1e-4)
+    saved_answers = sum(0.5 * np.load(setup.models / f"trial-{n}.predictions.npz")["test"] for n in members)
+    np.testing.assert_allclose(answers, saved_answers, atol=0.05)  # the trials' own answers (bfloat16 here)
+
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    experiment = client.get_experiment_by_name(summary.study_name)
+
+    def registered():
+        runs = client.search_runs([experiment.experiment_id], "tags.`search.role` = 'ensemble'",
+                                  order_by=["attributes.start_time DESC"])
+        versions = client.search_model_versions(f"name = '{summary.study_name}-best'")
+        return runs, max(versions, key=lambda v: int(v.version))
+
+    runs, version = registered()
+    if found.beats_best_single:  # the study registered the ensemble in the best trial's place
+        assert len(runs) == 1 and version.tags["search.run_id"] == runs[0].info.run_id
+    else:  # the best trial's own model
+        assert not runs and version.tags["search.trial"] == str(summary.best_trial)
+
+    # two kept trials made to disagree on validation (each right on its half): now the ensemble must win
+    labels = data.splits["val"][1]
+    first_half = np.arange(len(labels)) < len(labels) // 2
+    for n, right in zip(members, (first_half, ~first_half)):
+        path = setup.models / f"trial-{n}.predictions.npz"
+        test = np.load(path)["test"]
+        np.savez(path, val=one_hot_answers(right, labels, classes=4), test=test)
+    study = optuna.load_study(study_name=summary.study_name, storage=f"sqlite:///{workdir}/optuna.db")
+    best = study.best_trial
+    finish.register_and_report(setup, summary.parent_run_id,
+                               finish.BestTrial(best.number, best.value, best.params, best.user_attrs["mlflow_run_id"]),
+                               study)
+    runs, version = registered()
+    assert version.tags["search.run_id"] == runs[0].info.run_id and version.tags["search.trial"].startswith("ensemble")
+    assert runs[0].data.metrics["val_accuracy"] == 1.0
+    photo = next(dogs_dir.rglob("*.jpg"))
+    mlflow.set_tracking_uri(f"sqlite:///{workdir}/mlflow.db")
+    served = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}").predict([str(photo)])
+    ensemble_keras = keras.models.load_model(setup.models / "ensemble.keras", compile=False)
+    from runners.photos import decode_photo
+
+    answer = ensemble_keras.predict(decode_photo(str(photo), 64)[None].astype("float32"), verbose=0)[0]
+    assert served.loc[0, "breed"] == data.class_names[int(answer.argmax())]
+    assert abs(served.loc[0, "probability"] - float(answer.max())) < 1e-4
