@@ -51,7 +51,11 @@ from runners.train import TrialResult, fit_callbacks, result_of
 
 log = logging.getLogger("search")
 CACHED_AUGMENTATIONS = ("none", "mirror")  # what a head on cached features can train with
-BACKWARD_COST = 3.0  # a training step through the backbone costs ~3 forward passes (forward, two backward)
+# what a training image costs through the backbone, in forward passes: a frozen backbone only runs forward (its
+# head's backward is nothing beside it); fine-tuning also runs the backward of what it unfreezes (counted whole)
+STEP_COST = {"frozen": 1.0, "fine_tune": 3.0}
+TIME_LEFT_SHARE = 0.5  # under a time budget, a trial through a backbone may take at most this share of the time left:
+                       # one that takes it all leaves nothing for the dozens of head trials the cache makes cheap
 
 
 # ---------------------------------------------------------------- choosing backbones (before any trial)
@@ -173,7 +177,8 @@ def train_and_evaluate(params: dict, data: Dataset, *, epochs: int, patience: in
                                 f"(mode frozen, augmentation {' or '.join(CACHED_AUGMENTATIONS)}, ImageNet weights)")
     else:
         epochs_through = epochs + (params.get("fine_tune_epochs", 0) if params.get("mode") == "fine_tune" else 0)
-        check_time_left(data, backbones[0], weights[0], workdir, options.get("budget_end"), epochs_through)
+        check_time_left(data, backbones[0], weights[0], workdir, options.get("budget_end"), epochs_through,
+                        params.get("mode", "frozen"))
         result = train_through_backbone(params, data, backbones[0], weights[0], epochs=epochs, patience=patience,
                                         seed=seed, recipes=recipes, callbacks=callbacks, evaluate_test=evaluate_test,
                                         checkpoint=None if params.get("mode") == "fine_tune" else checkpoint,
@@ -195,23 +200,27 @@ def uses_feature_cache(params: dict, weights: list[Weights]) -> bool:
 
 
 def check_time_left(data: Dataset, backbone: Backbone, weights: Weights, workdir, budget_end: float | None,
-                    epochs: int = 1) -> None:
+                    epochs: int = 1, mode: str = "frozen") -> None:
     """Under a time budget, refuse (as a pruned trial) training through the backbone for `epochs` epochs that
-    would end past it.
+    would take more than TIME_LEFT_SHARE of the time left.
 
-    Priced from the backbone's embedding rate where its features were cached (a training step costs about
-    BACKWARD_COST forward passes): on a 2-core CPU one such epoch of the dogs takes minutes to an hour, and a
-    trial that cannot end would take the rest of the budget from the trials that can."""
-    rate = features.cached_rate(workdir, features.cache_key(backbone.name, weights.sha256, data.image_size, data))
-    if not budget_end or not rate:
+    Priced from the backbone's embedding rate (where its features were cached, else from a few timed batches) and
+    STEP_COST: on a 2-core CPU one such epoch of the dogs takes minutes to an hour, and a trial that cannot end
+    would take the rest of the budget from the trials that can."""
+    if not budget_end:
         return
+    rate = features.cached_rate(workdir, features.cache_key(backbone.name, weights.sha256, data.image_size, data))
+    if not rate:
+        from runners.speed import embedding_speed
+
+        rate = embedding_speed(build_backbone(backbone, data.image_size, weights), data.image_size)["images_per_second"]
     sizes = data.sizes()
-    epoch = (BACKWARD_COST * sizes["train"] + sizes["val"]) / rate
+    epoch = (STEP_COST[mode] * sizes["train"] + sizes["val"]) / rate
     left = budget_end - time.time()
-    if epochs * epoch > left:
+    if epochs * epoch > TIME_LEFT_SHARE * left:
         raise ArchitectureError(f"{epochs} epoch{'s' * (epochs > 1)} through {backbone.name} take ~{epochs * epoch:.0f} s "
-                                f"here (it embeds {rate:.0f} images/s), more than the {max(left, 0):.0f} s the time "
-                                "budget has left")
+                                f"here (it embeds {rate:.0f} images/s), more than half of the {max(left, 0):.0f} s the "
+                                "time budget has left")
 
 
 def train_through_backbone(params: dict, data: Dataset, backbone: Backbone, weights: Weights, *, epochs: int,

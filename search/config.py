@@ -51,7 +51,8 @@ class SearchConfig:
     study_patience: int | None = None      # stop after N completed trials without min_improvement
     min_improvement: float = 0.0           # the gain (val accuracy) that counts as improving
     within: float | None = None            # ... or stop after this many minutes without it
-    max_memory_growth: float = 400         # MB a worker may grow after its first trial before it restarts
+    max_memory_growth: float | None = None  # MB a worker may grow after its first trial before it restarts (None:
+                                            # the space's budget.max_memory_growth, else MAX_MEMORY_GROWTH)
     driver: str = "optuna"                 # optuna | kerastuner
     tuner: str = "hyperband"               # kerastuner driver: hyperband | bayesian | random
     extra_tags: dict = field(default_factory=dict)
@@ -128,6 +129,11 @@ REFIT_MAX = 0.9           # largest --refit fraction: beyond it too little time 
 REFIT_ROUND_END = 0.5     # fraction of --timeout: a refit that starts before it finishes a first round by then
                           # (a finished model at half the budget), then a warm restart from it fills the rest
 REFIT_EPOCH_MARGIN = 1.05  # the refit plans its epochs 5% slower than measured: epochs of one model varied 107-146 s
+REFIT_MIN_EPOCHS = 10     # `max_mflops: auto` refuses models whose refit could not train this many epochs (search/plan.py):
+                          # the refit of fast_cifar gained at every epoch up to 21 (89.1% test), and a model that
+                          # gets a handful of epochs stays far below it
+MAX_MFLOPS_UNMEASURED = 300  # `max_mflops: auto` in a run that measured nothing (no time budget): MFLOP per image
+                             # that keep an epoch of 45,000 CIFAR-10 images within ~2 min on 2 AVX-512 cores
 
 # Exploration's fidelity (search/plan.py): with `fidelity.train_subset: auto` a time-budgeted run trains explored
 # trials on a subset of the training images per epoch, sized from the measured speed.
@@ -137,7 +143,12 @@ TRAIN_SUBSET_FLOOR = 0.5     # never fewer than this share of the training image
                              # first and its refit reached 65.6% test against 76.4% explored on every image (one run each)
 
 # Samplers and pruners (search/sampling.py).
-TPE_STARTUP = (3, 10, 3)  # TPE's random start-up trials: target // 3, at least 3 and at most 10 (trials)
+TPE_STARTUP = (3, 10, 3)  # TPE's start-up trials: target // 3, at least 3 and at most 10 (trials); in a new study
+                          # with the default trial these are the default and perturbations of it, not random draws
+NEAR_DEFAULT_KEEP = 0.7   # a perturbation of the default keeps each categorical choice with this probability ...
+NEAR_DEFAULT_SPREAD = 0.15  # ... and moves a number by a normal step of this share of its range (of its log range
+                            # for log-scaled ones): on the dogs, 20 of the random arm's 27 trials stayed at chance
+                            # (wide draws of loss and learning rate), while every gain came from near the default
 BAYESIAN_STARTUP = (2, 10, 3)  # Keras Tuner's Gaussian process: random points first, target // 3 in 2..10 (trials)
 MEDIAN_STARTUP_TRIALS = 3  # the median pruner prunes nothing until this many trials have finished (trials)
 MEDIAN_WARMUP_EPOCHS = 1   # ... nor before a trial's second epoch (epochs)
@@ -152,6 +163,9 @@ TARGET_WAIT_SECONDS = 2    # a trial that may be surplus (workers racing for the
 # MLflow (search/tracking.py).
 SYSTEM_METRICS_SECONDS = 10  # a sample of CPU, memory, disk and network per trial run every 10 s: nothing a
                              # trial would notice, and a 30 s trial still gets its figures
+
+MAX_MEMORY_GROWTH = 400   # MB a worker may grow after its first trial before it restarts (a space may say more:
+                          # a transfer study loads one feature cache per backbone, ~250 MB each for the dogs)
 
 # Kept models and the ensemble (search/trial.py, search/ensemble.py).
 KEEP_MODELS = 3            # models of the best K trials kept on disk unless the space or --keep-models says otherwise

@@ -12,7 +12,7 @@ import logging
 from dataclasses import asdict, dataclass
 
 from search import space as spaces
-from search.config import EXPLORED_TRIALS_WANTED, REFIT_EPOCH_MARGIN, TRAIN_SUBSET_FLOOR
+from search.config import EXPLORED_TRIALS_WANTED, REFIT_EPOCH_MARGIN, REFIT_MIN_EPOCHS, TRAIN_SUBSET_FLOOR
 from search.setup import RunSetup, dataset_at, runner_options
 
 log = logging.getLogger("search")
@@ -102,6 +102,19 @@ def full_epoch_seconds(trial_epoch_seconds: float, train_images: int, full_image
     """What an epoch of a trial timed on `train_images` costs on all `full_images` (validation alike in both)."""
     return trial_epoch_seconds * (full_images + VALIDATION_COST * val_images) / (train_images
                                                                                 + VALIDATION_COST * val_images)
+
+
+def derived_max_mflops(setup: RunSetup, speed: Speed, refit_seconds: float, explore_seconds: float,
+                       fraction: float | None) -> float:
+    """`max_mflops: auto`: the largest forward cost per image (training time grows with it, priced from the
+    default's measured epoch) that both lets a refit train REFIT_MIN_EPOCHS epochs on every image in the refit's
+    seconds and lets an explored trial's first rung (on its share of the images) take no more than exploration's
+    share over EXPLORED_TRIALS_WANTED; never below the default's own cost, so the default is always allowed."""
+    refit_epoch = refit_seconds / REFIT_MIN_EPOCHS
+    first_rung = setup.space.fidelity.get("min_epochs", 1) * speed.epoch_seconds * (fraction or 1.0)
+    trial = explore_seconds / EXPLORED_TRIALS_WANTED - speed.setup_seconds
+    ratio = min(refit_epoch / speed.epoch_seconds, trial / first_rung)
+    return speed.mflops_per_image * max(1.0, ratio)
 
 
 def epochs_for(speed: Speed, seconds: float) -> int:

@@ -77,7 +77,8 @@ def parser() -> argparse.ArgumentParser:
                    help="validation-accuracy gain that counts as progress (default 0: any gain)")
     p.add_argument("--within", type=float, help="end the study after this many minutes without that gain")
     p.add_argument("--max-memory-growth", type=float, default=d.max_memory_growth, metavar="MB",
-                   help="restart this process when it has grown by MB since its first trial (default 400)")
+                   help="restart this process when it has grown by MB since its first trial (default: the space's "
+                        "budget.max_memory_growth, else 400)")
     p.add_argument("--no-default-trial", dest="default_trial", action="store_false",
                    help="do not try the space's default configuration first in a new study")
     p.add_argument("--backbone", help="transfer space: restrict the backbone choice to NAME[,NAME...]")

@@ -13,18 +13,23 @@ import optuna
 from optuna.trial import TrialState
 
 from search import space as spaces
-from search.config import (HYPERBAND_FACTOR, MEDIAN_STARTUP_TRIALS, MEDIAN_WARMUP_EPOCHS, OBJECTIVES, REFIT_AUTO,
-                           REFIT_MAX, TPE_STARTUP, SearchConfig)
+from search.config import (HYPERBAND_FACTOR, MEDIAN_STARTUP_TRIALS, MEDIAN_WARMUP_EPOCHS, NEAR_DEFAULT_KEEP,
+                           NEAR_DEFAULT_SPREAD, OBJECTIVES, REFIT_AUTO, REFIT_MAX, TPE_STARTUP, SearchConfig)
 from search.errors import ConfigError
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts toward --trials
 
 
+def startup_trials(target: int) -> int:
+    """TPE's start-up trials for a study of `target` trials (TPE_STARTUP)."""
+    least, most, per = TPE_STARTUP
+    return max(least, min(most, target // per))
+
+
 def make_sampler(name: str, seed: int, space: spaces.Space, target: int) -> optuna.samplers.BaseSampler:
     """tpe | random | grid | cmaes, seeded (TPE reads the constraints trials set, see search.trial)."""
     if name == "tpe":
-        least, most, per = TPE_STARTUP
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(least, min(most, target // per)))
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials(target))
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "grid":
@@ -32,6 +37,37 @@ def make_sampler(name: str, seed: int, space: spaces.Space, target: int) -> optu
     if name == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
     raise ConfigError(f"unknown sampler '{name}'; available: tpe, random, grid, cmaes")
+
+
+def near_default(space: spaces.Space, rng: np.random.Generator) -> dict:
+    """A perturbation of the space's default configuration: each categorical choice kept with probability
+    NEAR_DEFAULT_KEEP (else another one at random), each number moved by a normal step of NEAR_DEFAULT_SPREAD of
+    its (log) range, rounded to its step and kept in range. Conditions are followed as the values are drawn."""
+    params: dict = {}
+    for p in space.params.values():
+        if not p.active(params):
+            continue
+        if p.type == "fixed":
+            params[p.name] = p.value
+        elif p.type == "categorical":
+            others = [c for c in p.choices if c != p.default]
+            keep = not others or rng.random() < NEAR_DEFAULT_KEEP
+            params[p.name] = p.default if keep else others[rng.integers(len(others))]
+        else:
+            params[p.name] = moved_number(p, rng)
+    return params
+
+
+def moved_number(p: spaces.Param, rng: np.random.Generator):
+    """A number parameter's default moved by a normal step of NEAR_DEFAULT_SPREAD of its range (log range if log)."""
+    scale = np.log if p.log else (lambda v: v)
+    low, high, start = scale(p.low), scale(p.high), scale(p.default)
+    moved = float(np.clip(start + rng.normal(0, NEAR_DEFAULT_SPREAD * (high - low)), low, high))
+    value = float(np.exp(moved)) if p.log else moved
+    if p.step:
+        value = p.low + round((value - p.low) / p.step) * p.step
+    value = min(max(value, p.low), p.high)
+    return int(round(value)) if p.type == "int" else value
 
 
 def sampler_seed(seed: int, trials_so_far: int, shared: bool) -> int:

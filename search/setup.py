@@ -11,7 +11,8 @@ from pathlib import Path
 
 from search import space as spaces
 from search import tracking
-from search.config import DATA_SIZES_KEPT, KEEP_MODELS, SearchConfig
+from search.config import (DATA_SIZES_KEPT, KEEP_MODELS, MAX_MEMORY_GROWTH, MAX_MFLOPS_UNMEASURED,
+                           SearchConfig)
 from search.errors import ConfigError
 from search.stores import artifact_root, tracking_uri
 
@@ -50,11 +51,26 @@ class RunSetup:
     # a completed trial's evaluation is logged and its run closed here while the next trial starts
     background: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=1))
     prepared_at: float = field(default_factory=time.time)  # when the time budget began if the config says nothing
+    derived_max_mflops: float | None = None  # `max_mflops: auto`, once the machine is measured (search/plan.py)
+
+    @property
+    def max_mflops(self) -> float | None:
+        """The forward cost above which a model is refused: the space's number, or with `auto` the one derived
+        from the measured speed (MAX_MFLOPS_UNMEASURED when nothing was measured: a run without a time budget)."""
+        given = self.space.budget.get("max_mflops")
+        if given == "auto":
+            return self.derived_max_mflops or MAX_MFLOPS_UNMEASURED
+        return given
 
     @property
     def keep_models(self) -> int:
         """How many of the best trials' models stay on disk: --keep-models, else the space's, else KEEP_MODELS."""
         return self.config.keep_models or self.space.budget.get("keep_models") or KEEP_MODELS
+
+    @property
+    def max_memory_growth(self) -> float:
+        """MB this process may grow after its first trial: --max-memory-growth, else the space's, else the default."""
+        return self.config.max_memory_growth or self.space.budget.get("max_memory_growth") or MAX_MEMORY_GROWTH
 
     @property
     def budget_end(self) -> float | None:
@@ -186,5 +202,5 @@ def runner_options(setup: RunSetup) -> dict:
     """Run-wide settings a runner may need besides the trial's parameters (runners/protocol.py)."""
     c = setup.config
     return {"weights": c.weights, "workdir": str(setup.workdir), "data_dir": c.data_dir,
-            "architectures": setup.space.architectures, "max_mflops": setup.space.budget.get("max_mflops"),
+            "architectures": setup.space.architectures, "max_mflops": setup.max_mflops,
             "budget_end": setup.budget_end}

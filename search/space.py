@@ -22,8 +22,8 @@ from search.errors import ConfigError
 TOP_KEYS = {"name", "description", "model", "dataset", "budget", "params", "datasets", "recipes", "fidelity",
             "architectures", "baselines"}
 BUDGET_KEYS = {"trials": int, "epochs": int, "patience": int, "subset": (int, type(None)),
-               "timeout": (int, float, type(None)), "max_mflops": (int, float, type(None)),
-               "refit": (int, float), "keep_models": int}
+               "timeout": (int, float, type(None)), "max_mflops": (int, float, str, type(None)),
+               "refit": (int, float), "keep_models": int, "max_memory_growth": (int, float)}
 PARAM_KEYS = {"type", "low", "high", "step", "log", "choices", "default", "when", "value", "grid"}
 PARAM_TYPES = ("int", "float", "categorical", "fixed")
 DATASET_KINDS = ("cifar10", "stanford_dogs", "folder")
@@ -314,6 +314,11 @@ def check_budget(budget: dict, where: str) -> None:
     """Budget entries exist and have the right types and signs."""
     unknown(budget, set(BUDGET_KEYS), where)
     for key, value in budget.items():
+        if key == "max_mflops" and isinstance(value, str):
+            if value != "auto":
+                raise SpaceError(f"{where}.max_mflops: give a number of MFLOP per image, auto (derived from the "
+                                 f"measured speed and the refit's time) or null, got {value!r}")
+            continue
         if isinstance(value, bool) or not isinstance(value, BUDGET_KEYS[key]):
             raise SpaceError(f"{where}.{key}: expected a number, got {value!r}")
         if key == "refit" and not 0 <= value < 1:  # a fraction of the timeout; 0 = no refit

@@ -287,6 +287,29 @@ def test_explored_trials_train_on_the_planned_share_of_the_images(tmp_path):
     assert plan.full_epoch_seconds(10.0, 1500, 6000, 4500) == pytest.approx(10.0 * (6000 + 1500) / (1500 + 1500))
 
 
+def test_max_mflops_auto_is_derived_from_the_measured_speed_and_a_slower_machine_gets_a_lower_cap():
+    from types import SimpleNamespace
+
+    from search import plan
+    from search.setup import RunSetup
+
+    setup = SimpleNamespace(space=SimpleNamespace(fidelity={"min_epochs": 1}))
+    fast = plan.Speed(250, 600.0, 268, 480, "bfloat16", 10.0, 2.0, train_images=5400, val_images=600)
+    slow = plan.Speed(150, 94.0, 268, 70, "float32", 64.0, 8.0, train_images=5400, val_images=600)
+    # a README run: 600 s, 120 s of exploration, 480 s of refit
+    fast_cap = plan.derived_max_mflops(setup, fast, 480, 120, None)
+    assert fast_cap == 268  # exploration's 10 s a trial binds (268 x 0.8), and the default is never refused
+    hour = plan.derived_max_mflops(setup, fast, 2880, 720, 0.5)  # an hour: 720 s explored on half the images
+    assert hour == pytest.approx(268 * min(288 / 10, (60 - 2) / 5))
+    assert plan.derived_max_mflops(setup, slow, 2880, 720, 0.5) < hour / 3  # the slower machine, the smaller models
+
+    def cap(given, derived):
+        run = SimpleNamespace(space=SimpleNamespace(budget={"max_mflops": given}), derived_max_mflops=derived)
+        return RunSetup.max_mflops.fget(run)
+
+    assert cap("auto", 900.0) == 900.0 and cap("auto", None) == 300 and cap(120, 900.0) == 120  # a number wins
+
+
 def test_a_space_with_a_train_subset_explores_on_part_of_the_images(cifar_dir, tmp_path):
     space = write_space(tmp_path, TINY_SPACE + "fidelity: {resource: epochs, min_epochs: 1, train_subset: 0.5}\n")
     summary = run_search(SearchConfig(space=str(space), data_dir=str(cifar_dir), workdir=str(tmp_path / "mlruns"),

@@ -149,3 +149,32 @@ def test_an_architecture_that_shrinks_below_one_pixel_is_pruned_before_training(
     assert study.trials[0].state == TrialState.PRUNED
     assert "below 1x1" in study.trials[0].user_attrs["end_reason"]
     assert summary.counted == 1
+
+
+def test_a_new_tpe_study_starts_at_the_default_then_near_it_before_tpe_suggests(cifar_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    summary = run_search(SearchConfig(space=str(write_space(tmp_path, TINY_SPACE)), data_dir=str(cifar_dir), trials=4,
+                                      subset=100))
+    study = optuna.load_study(study_name=summary.study_name, storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
+    sources = [t.user_attrs.get("source", "sampler") for t in study.trials]
+    assert sources == ["default", "near-default", "near-default", "sampler"]  # TPE's 3 start-up trials, then TPE
+
+
+def test_perturbations_of_the_default_stay_valid_and_mostly_near_it():
+    import numpy as np
+
+    from search import space as spaces
+    from search.sampling import near_default
+
+    space = spaces.load_space("scratch_cnn")
+    default = spaces.default_params(space)
+    rng = np.random.default_rng(0)
+    drawn = [near_default(space, rng) for _ in range(300)]
+    for params in drawn:
+        assert params == spaces.complete_params(space, params)  # every value valid, every condition followed
+    categorical = [p.name for p in space.params.values() if p.type == "categorical" and len(p.choices) > 1
+                   and not p.when]
+    kept = np.mean([params[name] == default[name] for params in drawn for name in categorical])
+    assert 0.6 < kept < 0.8  # NEAR_DEFAULT_KEEP = 0.7
+    rates = np.array([params["learning_rate"] for params in drawn if "learning_rate" in params])
+    assert 0.5 < np.median(rates / default["learning_rate"]) < 2 and len(set(rates)) > 100

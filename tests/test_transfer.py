@@ -235,12 +235,16 @@ def test_under_a_time_budget_an_epoch_through_the_backbone_that_cannot_end_in_ti
     params = default_params(mode="fine_tune", augmentation="flip", head_init="random", batch_size=16,
                             unfreeze_layers=10, fine_tune_epochs=1, fine_tune_lr_factor=0.1)
     recipes = spaces.load_space("transfer").recipes
-    with pytest.raises(transfer.ArchitectureError, match="more than the 0 s the time budget has left"):
+    with pytest.raises(transfer.ArchitectureError, match="more than half of the 0 s the time budget has left"):
         transfer.train_and_evaluate(params, data, epochs=1, patience=1, seed=0, recipes=recipes,
                                     options={"workdir": str(workdir), "budget_end": time.time() - 1})
     result = transfer.train_and_evaluate(params, data, epochs=1, patience=1, seed=0, recipes=recipes,
                                          options={"workdir": str(workdir), "budget_end": time.time() + 3600})
     assert result.epochs_run == 2
+    uncached = {**params, "backbone": "efficientnet_lite1", "mode": "frozen"}  # its rate is measured on the spot
+    with pytest.raises(transfer.ArchitectureError, match="through efficientnet_lite1 take"):
+        transfer.train_and_evaluate(uncached, data, epochs=1, patience=1, seed=0, recipes=recipes,
+                                    options={"workdir": str(workdir), "budget_end": time.time() - 1})
 
 
 # ---------------------------------------------------------------- trials and studies
@@ -330,3 +334,16 @@ def test_a_transfer_study_embeds_once_and_a_second_study_reuses_the_cache(dogs_d
             assert run.data.tags["search.weights_sha256"] == sha
             assert run.data.tags["search.weights_file"].startswith("efficientnet_lite0_imagenet_")
     assert summary.best_value > 0.5  # ImageNet features separate five breeds after two head epochs
+
+
+@pytest.mark.slow
+def test_the_transfer_benchmark_prints_each_backbone_together_and_the_ensemble(dogs_dir, workdir, capsys):
+    from search.bench import transfer as bench
+
+    assert bench.main(["--backbones", "efficientnet_lite0,efficientnet_lite1", "--data-dir", str(dogs_dir),
+                       "--breeds", "3", "--subset", "60", "--image-size", "64", "--workdir", str(workdir)]) == 0
+    printed = capsys.readouterr().out
+    assert "GFLOP/s float32 matmul" in printed
+    rows = [line for line in printed.splitlines() if line.startswith("| lite") or line.startswith("| ensemble")]
+    assert [r.split("|")[1].strip() for r in rows[:3]] == ["lite0", "lite1", "lite0+lite1"]
+    assert rows[3].startswith("| ensemble: ")

@@ -1,8 +1,12 @@
-"""`python -m search.bench transfer`: what the feature cache buys, and what a head search reaches on the dogs.
+"""`python -m search.bench transfer`: each backbone alone, the backbones together, and their ensemble, on the dogs.
 
-Prints the embedding rate and cache build time, the time of one head-only trial with the cache and the same
-trial through the backbone without it (same images, same epochs), then runs a quick head search over the
-cached features and prints its best top-1 / top-3 on the test split (chosen by validation accuracy).
+For every backbone of --backbones (default EfficientNet-Lite0, Lite1 and Lite2) it builds the feature cache
+(photos and mirror images) and trains the transfer space's default head on it; then one head on all of them
+side by side, then the ensemble that greedy selection on validation makes of those heads. One table: test
+top-1 and top-3 (chosen by nothing: every row is one fixed recipe), validation top-1, the embedding rate beside
+the machine's matmul rate, and the seconds each row took. Optionally (--compare-epochs N) the time of a head
+trial with the cache against the same trial through the backbone, and (--trials N) a head search on the first
+backbone's cached features.
 """
 from __future__ import annotations
 
@@ -13,21 +17,24 @@ import shutil
 import time
 from pathlib import Path
 
+import pandas as pd
 import yaml
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     """The benchmark's options."""
     p = argparse.ArgumentParser(prog="python -m search.bench transfer", description=__doc__.splitlines()[0])
-    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--backbones", default="efficientnet_lite0,efficientnet_lite1,efficientnet_lite2",
+                   help="backbones compared alone, together and as an ensemble (NAME,NAME,...)")
     p.add_argument("--weights", help="weights file, as search.run's --weights")
     p.add_argument("--data-dir", help="folder holding Images/ (default: Keras's cache)")
     p.add_argument("--breeds", help="N (first N breeds) or names; default all 120")
     p.add_argument("--subset", type=int, help="at most this many images per split")
     p.add_argument("--image-size", type=int, default=288, help="input side (default 288, the transfer space's)")
     p.add_argument("--epochs", type=int, default=20, help="most epochs of a head trial")
-    p.add_argument("--compare-epochs", type=int, default=1, help="epochs of the with/without-cache comparison")
-    p.add_argument("--trials", type=int, default=40, help="trials of the head search (0 = skip it)")
+    p.add_argument("--compare-epochs", type=int, default=0,
+                   help="epochs of the with/without-cache comparison on the first backbone (0 = skip it)")
+    p.add_argument("--trials", type=int, default=0, help="trials of a head search on the first backbone (0 = skip it)")
     p.add_argument("--workdir", default="mlruns/bench-transfer")
     p.add_argument("--rebuild", action="store_true", help="delete this data's feature cache first")
     return p.parse_args(argv)
@@ -59,6 +66,7 @@ def main(argv: list[str]) -> int:
     from search.config import SearchConfig
     from search.drivers import run_search
     from search.setup import parse_breeds
+    from runners.speed import matmul_gflops
 
     workdir = Path(args.workdir).expanduser()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -66,34 +74,52 @@ def main(argv: list[str]) -> int:
     data = load_dataset("stanford_dogs", data_dir=args.data_dir, image_size=args.image_size, subset=args.subset,
                         breeds=parse_breeds(args.breeds), workdir=workdir)
     load_seconds = time.perf_counter() - started
-    backbone = transfer.backbone_named(args.backbone)
-    weights = transfer.resolve_weights(backbone, args.image_size, args.weights)
+    backbones = [transfer.backbone_named(name).name for name in args.backbones.split(",") if name.strip()]
     if args.rebuild:
-        key = transfer.features.cache_key(backbone.name, weights.sha256, args.image_size, data)
-        shutil.rmtree(workdir / "cache" / "features" / key, ignore_errors=True)
-    cache, _ = transfer.feature_set(data, backbone, weights, workdir)
+        for name in backbones:
+            weights = transfer.resolve_weights(transfer.BACKBONES[name], args.image_size, args.weights)
+            key = transfer.features.cache_key(name, weights.sha256, args.image_size, data)
+            shutil.rmtree(workdir / "cache" / "features" / key, ignore_errors=True)
     space = spaces.load_space("transfer")
-    params = {**spaces.default_params(space), "backbone": backbone.name}
     options = {"workdir": str(workdir), "weights": args.weights}
-    with_cache, cached_result = timed(lambda: transfer.train_and_evaluate(
-        params, data, epochs=args.compare_epochs, patience=99, seed=0, recipes=space.recipes, options=options))
-    # the same head through the frozen backbone, image batches every epoch: what a trial costs without the cache
-    without_cache, plain_result = timed(lambda: transfer.train_and_evaluate(
-        params, data, epochs=args.compare_epochs, patience=99, seed=0, recipes=space.recipes,
-        options={**options, "feature_cache": False}))
+    epochs = space.budget["epochs"]
     sizes = data.sizes()
-    rows = [("machine", f"{cpu_name()}, {cpu_count()} cores, AVX-512 {'yes' if has_avx512() else 'no'}"),
-            ("data", f"{len(data.class_names)} breeds, {args.image_size}px, train {sizes['train']:,} / "
-                     f"val {sizes['val']:,} / test {sizes['test']:,} (loaded in {load_seconds:.1f} s)"),
-            ("backbone", f"{backbone.name}, weights {weights.tags()['search.weights_file']} "
-                         f"(sha256 {weights.sha256[:12]})"),
-            ("embedding rate", f"{cache.images_per_second:.1f} images/s"),
-            ("cache build", f"{cache.build_seconds:.1f} s ({'built now' if cache.built else 'built earlier'})"),
-            (f"head trial, {args.compare_epochs} epoch(s), with cache", f"{with_cache:.1f} s "
-                                                                     f"(test top-1 {cached_result.test['test_accuracy']:.3f})"),
-            (f"head trial, {args.compare_epochs} epoch(s), without cache", f"{without_cache:.1f} s "
-                                                                        f"(test top-1 {plain_result.test['test_accuracy']:.3f})"),
-            ("speed-up", f"{without_cache / with_cache:.1f}x")]
+    print(f"machine: {cpu_name()}, {cpu_count()} cores, AVX-512 {'yes' if has_avx512() else 'no'}, "
+          f"AVX512_BF16 {'yes' if has_bf16() else 'no'}; {matmul_gflops():.0f} GFLOP/s float32 matmul")
+    print(f"data: {len(data.class_names)} breeds, {args.image_size}px, train {sizes['train']:,} / val {sizes['val']:,} / "
+          f"test {sizes['test']:,} (loaded in {load_seconds:.1f} s)")
+    results, table = {}, []
+    for choice in [*backbones, "+".join(backbones)] if len(backbones) > 1 else backbones:
+        params = {**spaces.default_params(space), "backbone": choice}
+        seconds, result = timed(lambda: transfer.train_and_evaluate(params, data, epochs=epochs, patience=3, seed=0,
+                                                                    recipes=space.recipes, options=options))
+        results[choice] = result
+        rates = [transfer.features.cached_rate(workdir, key) for key in result.tags["search.feature_cache_key"].split(",")]
+        table.append({"model": choice.replace("efficientnet_", ""), "test top-1": result.test["test_accuracy"],
+                      "test top-3": result.test["test_top3_accuracy"], "val top-1": result.val_accuracy,
+                      "embedding images/s": 1 / sum(1 / r for r in rates),
+                      "caches": result.tags["search.feature_cache"], "mirror TTA": result.tags["search.mirror_tta"],
+                      "seconds": seconds})
+    if len(results) > 1:
+        table.append(ensemble_row(results, data))
+    print(f"\neach backbone alone, together, and their ensemble (the transfer space's default head, {epochs} epochs; "
+          f"total {time.perf_counter() - started:.0f} s, embedding included)")
+    print(pd.DataFrame(table).to_markdown(index=False, floatfmt=".4f"))
+    rows = []
+    backbone = transfer.BACKBONES[backbones[0]]
+    params = {**spaces.default_params(space), "backbone": backbone.name, "augmentation": "none"}
+    if args.compare_epochs:
+        with_cache, cached_result = timed(lambda: transfer.train_and_evaluate(
+            params, data, epochs=args.compare_epochs, patience=99, seed=0, recipes=space.recipes, options=options))
+        # the same head through the frozen backbone, image batches every epoch: what a trial costs without the cache
+        without_cache, plain_result = timed(lambda: transfer.train_and_evaluate(
+            params, data, epochs=args.compare_epochs, patience=99, seed=0, recipes=space.recipes,
+            options={**options, "feature_cache": False}))
+        rows += [(f"head trial, {args.compare_epochs} epoch(s), with cache", f"{with_cache:.1f} s "
+                                                                         f"(test top-1 {cached_result.test['test_accuracy']:.3f})"),
+                 (f"head trial, {args.compare_epochs} epoch(s), without cache", f"{without_cache:.1f} s "
+                                                                            f"(test top-1 {plain_result.test['test_accuracy']:.3f})"),
+                 ("speed-up", f"{without_cache / with_cache:.1f}x")]
     if args.trials:
         search_started = time.perf_counter()
         summary = run_search(SearchConfig(space=str(head_only_space(workdir)), dataset="stanford_dogs",
@@ -104,13 +130,39 @@ def main(argv: list[str]) -> int:
         best = [t for t in load_trials(summary) if t.number == summary.best_trial][0]
         rows += [(f"head search, {args.trials} trials x <= {args.epochs} epochs", f"{time.perf_counter() - search_started:.1f} s"),
                  ("best trial (by val)", f"#{best.number}: val {best.value:.3f}, test top-1 "
-                                         f"{best.user_attrs['test_accuracy']:.3f}, top-3 {best.user_attrs['test_top3_accuracy']:.3f}"),
-                 ("total, embedding included", f"{time.perf_counter() - started:.1f} s")]
+                                         f"{best.user_attrs['test_accuracy']:.3f}, top-3 {best.user_attrs['test_top3_accuracy']:.3f}")]
+    if not rows:
+        return 0
     width = max(len(name) for name, _ in rows)
     print(f"\n{'measure'.ljust(width)} | value\n{'-' * width}-+-{'-' * 40}")
     for name, value in rows:
         print(f"{name.ljust(width)} | {value}")
     return 0
+
+
+def ensemble_row(results: dict, data) -> dict:
+    """Greedy ensemble selection (search/ensemble.py) over the rows' heads, on validation; scored on test."""
+    import numpy as np
+
+    from search.ensemble import accuracy, greedy_selection
+
+    names = list(results)
+    counts = greedy_selection({i: results[n].val_probabilities for i, n in enumerate(names)}, data.splits["val"][1])
+    total = sum(counts.values())
+    val = sum(c * results[names[i]].val_probabilities for i, c in counts.items()) / total
+    test = sum(c * results[names[i]].test_probabilities for i, c in counts.items()) / total
+    y_test = data.splits["test"][1]
+    top3 = np.argsort(test, axis=1)[:, -3:]
+    members = " + ".join(f"{names[i].replace('efficientnet_', '')} x{c}" for i, c in counts.items())
+    return {"model": f"ensemble: {members}", "test top-1": accuracy(test, y_test),
+            "test top-3": float(np.mean((top3 == y_test[:, None]).any(axis=1))),
+            "val top-1": accuracy(val, data.splits["val"][1]), "embedding images/s": None, "caches": "",
+            "mirror TTA": "as each member", "seconds": 0.0}
+
+
+def has_bf16() -> bool:
+    """True when the CPU reports AVX512_BF16."""
+    return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
 
 
 def timed(work):

@@ -15,21 +15,24 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import optuna
 from optuna.trial import TrialState
 
 from search import space as spaces
 from search import tracking
-from search.config import HYPERBAND_FACTOR, OBJECTIVES, TARGET_WAIT_SECONDS, WARM_START_TRIALS, SearchConfig
+from search.config import (HYPERBAND_FACTOR, OBJECTIVES, REFIT_MIN_EPOCHS, TARGET_WAIT_SECONDS, WARM_START_TRIALS,
+                           SearchConfig)
 from search.errors import ConfigError, SearchAborted, SurplusTrial
 from search.finish import BestTrial, SearchSummary, closed_invocation, finish_invocation
 from search.recovery import (DiscardCheckpoint, checkpoint_dir, close_retried_run, died_here, recover_stale_trials,
                              retried_trial, take_over_checkpoint, write_trial_file)
-from search.plan import (Speed, epochs_for, exploration_fraction, exploration_pays, measure_machine,
-                         metrics_of)
+from search.plan import (Speed, derived_max_mflops, epochs_for, exploration_fraction, exploration_pays,
+                         measure_machine, metrics_of)
 from search.refit import refit_best, refit_default
 from search.sampling import (COUNTED, best_value, constraint_values, count, feasible, make_pruner, make_sampler,
-                             parse_objectives, pruner_name, refit_fraction, sampler_seed)
+                             near_default, parse_objectives, pruner_name, refit_fraction, sampler_seed,
+                             startup_trials)
 from search.setup import RunSetup, as_config_error, prepare_run
 from search.stopping import FailureStreak, MemoryWatch, StudyPatience
 from search.stores import find_study, open_storage, optuna_storage_url, redact, trials_in
@@ -110,6 +113,7 @@ def run_optuna_search(config: SearchConfig) -> SearchSummary:
     if setup.timeout and setup.refit:  # a time budget to plan: measure what this machine does first
         setup.speed = measure_machine(setup, str(environment.get("mixed_precision") or "float32"))
         tracking.log_metrics(client, parent, metrics_of(setup.speed))
+
         tracking.set_tags(client, parent, {"search.precision": setup.speed.precision})
     first_trials(setup)
 
@@ -152,7 +156,8 @@ def invocation_settings(setup: Setup) -> dict:
 
 
 def first_trials(setup: Setup) -> None:
-    """Enqueue the hand-made baselines (--baselines), the space's defaults in a new study, a warm start's best."""
+    """Enqueue the hand-made baselines (--baselines), the space's defaults in a new study, a warm start's best,
+    and, for TPE's start-up trials, perturbations of the default instead of random draws."""
     study = setup.study
     new = not study.get_trials(deepcopy=False)
     if setup.config.baselines:
@@ -161,6 +166,22 @@ def first_trials(setup: Setup) -> None:
         study.enqueue_trial(spaces.default_params(setup.space), user_attrs={"source": "default"})
     if setup.config.warm_start:
         enqueue_warm_start(setup)
+    if setup.config.default_trial and new and setup.config.sampler == "tpe":
+        enqueue_near_default(setup)
+
+
+def enqueue_near_default(setup: Setup) -> None:
+    """TPE's start-up trials after the default as perturbations of it (search/sampling.py: near_default): wide
+    random draws rarely beat a tuned default in a short budget, small moves around it can."""
+    study = setup.study
+    queued = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    wanted = startup_trials(setup.target) - queued
+    rng = np.random.default_rng(setup.config.seed)
+    for _ in range(max(0, wanted)):
+        study.enqueue_trial(near_default(setup.space, rng), user_attrs={"source": "near-default"},
+                            skip_if_exists=True)
+    if wanted > 0:
+        log.info(f"start-up: {wanted} perturbations of the space's default before TPE's own suggestions")
 
 
 def enqueue_baselines(setup: Setup) -> None:
@@ -208,7 +229,7 @@ def optimize(setup: Setup, parent: str, environment: dict, summary: SearchSummar
         return
     failures = FailureStreak(setup.config.max_failures)
     patience = StudyPatience(setup.config.study_patience, setup.config.min_improvement, setup.config.within)
-    memory = MemoryWatch(setup.config.max_memory_growth)
+    memory = MemoryWatch(setup.max_memory_growth)
     callbacks = [optuna.study.MaxTrialsCallback(setup.target, states=COUNTED), failures, patience, memory,
                  DiscardCheckpoint(setup.checkpoints)]
     objective = make_objective(setup, parent, environment, summary)
@@ -230,6 +251,12 @@ def optimize(setup: Setup, parent: str, environment: dict, summary: SearchSummar
             summary.counted, summary.stopped = count(study), "timeout"
             return
     setup.explore_fraction = exploration_fraction(setup, setup.speed, explore)
+    if explore and setup.speed and setup.space.budget.get("max_mflops") == "auto":
+        setup.derived_max_mflops = derived_max_mflops(setup, setup.speed, setup.timeout * setup.refit, explore,
+                                                      setup.explore_fraction)
+        log.info(f"max_mflops: {setup.derived_max_mflops:,.0f} MFLOP per image (auto: what a first-rung trial can "
+                 f"afford of exploration's {explore:.0f} s and a refit of {REFIT_MIN_EPOCHS} epochs of the rest)")
+        tracking.log_metrics(setup.client, parent, {"max_mflops": setup.derived_max_mflops})
     if setup.explore_fraction:
         share = f", so that more of them fit in its {explore:.0f} s" if explore else ""
         log.info(f"exploration: explored trials train on {setup.explore_fraction:.0%} of the training images per "
