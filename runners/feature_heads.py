@@ -24,7 +24,7 @@ import numpy as np
 from keras import layers
 
 from runners import features, train
-from runners.backbones import Backbone, Weights, build_backbone, imagenet_classifier, preprocessing
+from runners.backbones import Backbone, Weights, backbone_named, build_backbone, imagenet_classifier, preprocessing
 from runners.datasets import Dataset
 from runners.pipeline import evaluation_batches, one_hot
 from runners.progress import live_bar
@@ -178,6 +178,49 @@ def build_model(backbone_models: list[keras.Model], backbones: list[Backbone], h
         outputs = layers.Average(name="mirror_tta")([outputs, answer(mirrored(image_size)(inputs))])
     name = "+".join(b.name for b in backbones)
     return keras.Model(inputs, outputs, name=f"transfer_{name.replace('+', '_and_')}")
+
+
+def ensemble_model(members: list[tuple[dict, keras.Model, float]], image_size: int) -> keras.Model | None:
+    """The weighted sum of several trials' answers as one model that runs each backbone once per view.
+
+    `members`: (the trial's parameters, its saved model, its weight). Trials on cached features share their frozen
+    ImageNet backbones, so only their heads (and whether they average the mirror image) differ: the image goes
+    through each backbone once (twice with a mirror), every head reads its own pooled features. None when a
+    member trained through its backbone (its backbone is its own): the caller then sums whole models."""
+    if not all(p.get("mode", "frozen") == "frozen" and p.get("augmentation", "none") in ("none", "mirror")
+               for p, _, _ in members):
+        return None
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    views = {"original": inputs}
+    shared: dict = {}   # backbone name -> its feature map per view; (name, pooling, view) -> pooled features
+
+    def pooled(backbone: Backbone, pooling: str, view: str, owner: keras.Model):
+        if view not in views:
+            views[view] = mirrored(image_size)(inputs)
+        if (backbone.name, view) not in shared:
+            prepare = shared.setdefault(backbone.name, preprocessing(backbone, f"preprocess_{backbone.name}"))
+            shared[(backbone.name, view)] = owner.get_layer(backbone.name)(prepare(views[view]), training=False)
+        if (backbone.name, pooling, view) not in shared:
+            pool = layers.GlobalMaxPooling2D if pooling == "max" else layers.GlobalAveragePooling2D
+            shared[(backbone.name, pooling, view)] = pool(name=f"pool_{pooling}_{backbone.name}_{view}")(
+                shared[(backbone.name, view)])
+        return shared[(backbone.name, pooling, view)]
+
+    answers = []
+    for index, (params, model, weight) in enumerate(members):
+        backbones = [backbone_named(name) for name in params["backbone"].split("+")]
+        saved_head = model.get_layer("head")
+        head = keras.Model(saved_head.inputs[0], saved_head.outputs[0], name=f"head_{index}")  # unique names
+        tta = any(layer.name == "mirror_tta" for layer in model.layers)
+        outputs = []
+        for view in ("original", "mirror") if tta else ("original",):
+            blocks = [pooled(b, params.get("pooling", "average"), view, model) for b in backbones]
+            outputs.append(head(blocks[0] if len(blocks) == 1 else
+                                layers.Concatenate(name=f"features_{index}_{view}")(blocks)))
+        answer = outputs[0] if len(outputs) == 1 else layers.Average(name=f"mirror_tta_{index}")(outputs)
+        answers.append(layers.Rescaling(weight, name=f"weight_{index}")(answer))
+    outputs = answers[0] if len(answers) == 1 else layers.Add(name="ensemble")(answers)
+    return keras.Model(inputs, outputs, name="ensemble")
 
 
 # ---------------------------------------------------------------- the trial

@@ -43,8 +43,9 @@ from runners.backbones import (BACKBONES, MOBILENET_ROWS, Backbone, Weights, bac
                                resolve_weights, weights_file_name, weights_sha256)
 from runners.datasets import Dataset
 # the cached-feature head's parts, re-exported for the same reason
-from runners.feature_heads import (build_head, build_model, compile_model, embedder, feature_set,  # noqa: F401
-                                   init_from_imagenet, regularize_toward_start, train_on_cached_features)
+from runners.feature_heads import (build_head, build_model, compile_model, embedder, ensemble_model,  # noqa: F401
+                                   feature_set, init_from_imagenet, regularize_toward_start,
+                                   train_on_cached_features)
 from runners.pipeline import evaluation_batches, training_batches
 from runners.protocol import ArchitectureError, RunnerConfigError
 from runners.train import TrialResult, fit_callbacks, result_of

@@ -7,9 +7,10 @@ nothing and adds, with replacement, the kept trial that makes the average of the
 accurate on validation, for up to ENSEMBLE_ROUNDS rounds; the best round's members, weighted by how often
 each was picked, make the ensemble. Test accuracy is computed for the report only, never to choose.
 
-The ensemble is a Keras model of standard layers (each member's own model, its answer scaled by its weight,
-summed), so the registered pyfunc serves it as it serves one trial's model. Members that share a backbone
-each run it: an ensemble predicts about as many times slower as it has distinct members.
+The ensemble is a Keras model of standard layers, so the registered pyfunc serves it as it serves one trial's
+model. Where the runner can (transfer heads on cached features: `runners/feature_heads.py: ensemble_model`)
+the members share their frozen backbones, each run once per view, and only their heads are several; else it
+is each member's whole model, its answer scaled by its weight, summed.
 """
 from __future__ import annotations
 
@@ -91,12 +92,23 @@ def select(folder: Path, data) -> Ensemble | None:
                     accuracy(test, y_test), float(np.mean((top3 == y_test[:, None]).any(axis=1))), test)
 
 
-def ensemble_model(folder: Path, weights: dict[int, float]):
-    """One Keras model taking images: each member's model, its answer scaled by its weight, summed."""
+def ensemble_model(folder: Path, weights: dict[int, float], runner=None):
+    """One Keras model taking images: the runner's (`ensemble_model`: shared backbones, each member's head) when it
+    has one for these members, else each member's whole model, its answer scaled by its weight, summed."""
+    import json
+
     import keras
     from keras import layers
 
     members = {n: keras.models.load_model(folder / f"trial-{n}.keras", compile=False) for n in weights}
+    build = getattr(runner, "ensemble_model", None)
+    saved = {n: np.load(folder / f"trial-{n}.predictions.npz") for n in weights}
+    if build is not None and all("params" in s.files for s in saved.values()):
+        params = {n: json.loads(str(saved[n]["params"])) for n in weights}
+        shared = build([(params[n], members[n], weights[n]) for n in weights],
+                       int(next(iter(members.values())).input_shape[1]))
+        if shared is not None:
+            return shared
     first = next(iter(members.values()))
     inputs = keras.Input(first.input_shape[1:], name="image")
     answers = []
@@ -122,7 +134,7 @@ def build_and_log(setup, parent: str) -> tuple[Ensemble, str, Path] | None:
                  f"{found.best_single[1]:.4f}) is as accurate on validation as any combination of them")
         return None
     path = setup.models / "ensemble.keras"
-    ensemble_model(setup.models, found.weights).save(path)
+    ensemble_model(setup.models, found.weights, setup.runner).save(path)
     run_id = tracking.start_ensemble_run(setup.client, setup.experiment_id, parent, setup.study_name, {
         "val_accuracy": found.val_accuracy, "test_accuracy": found.test_accuracy,
         "test_top3_accuracy": found.test_top3_accuracy, "members": len(found.weights),

@@ -13,6 +13,7 @@ driver record the same end in its own store first.
 """
 from __future__ import annotations
 
+import json
 import logging
 import resource
 import time
@@ -170,15 +171,16 @@ def record_completed(setup: RunSetup, plan: TrialPlan, run_id: str, result, tria
     tracking.log_metrics(setup.client, run_id, metrics)
     if result.tags:
         tracking.set_tags(setup.client, run_id, result.tags)
-    keep_model(setup, plan.number, result, others)
+    keep_model(setup, plan.number, result, others, plan.params)
     labels = data.splits["test"][1]
     setup.background.submit(close_completed_run, setup.client, run_id, labels, result.test_probabilities,
                             data.class_names)
     return metrics
 
 
-def keep_model(setup: RunSetup, number: int, result, others: list[tuple[float, int]]) -> None:
-    """Save this trial's model if it ranks among the study's best K; delete models that fell out."""
+def keep_model(setup: RunSetup, number: int, result, others: list[tuple[float, int]], params: dict) -> None:
+    """Save this trial's model if it ranks among the study's best K (with its validation and test answers and
+    parameters, when the runner gave them: an ensemble candidate); delete models that fell out."""
     folder = setup.models
     # ties go to the earlier trial, as the best trial does (max keeps the first of equals)
     ranked = sorted(others + [(result.val_accuracy, number)], key=lambda vn: (-vn[0], vn[1]))
@@ -188,7 +190,7 @@ def keep_model(setup: RunSetup, number: int, result, others: list[tuple[float, i
         result.model.save(folder / f"trial-{number}.keras")
         if result.val_probabilities is not None and result.test_probabilities is not None:  # ensemble candidate
             np.savez(folder / f"trial-{number}.predictions.npz", val=result.val_probabilities,
-                     test=result.test_probabilities)
+                     test=result.test_probabilities, params=np.array(json.dumps(params, default=str)))
     for path in folder.glob("trial-*.*"):
         if int(path.name.split(".")[0].split("-")[1]) not in keep:
             path.unlink()

@@ -56,6 +56,13 @@ def test_a_transfer_studys_ensemble_is_one_keras_model_answering_as_its_members_
            for n in members}
     answers = combined.predict(images, verbose=0)
     np.testing.assert_allclose(answers, sum(0.5 * own[n] for n in members), atol=1e-4)
+    from runners import transfer
+
+    shared = ensemble.ensemble_model(setup.models, halves, transfer)  # one backbone, two heads
+    assert [layer.name for layer in shared.layers].count("efficientnet_lite0") == 1
+    shared_answers = shared.predict(images, verbose=0)  # float32 pooling where the members' saved pool is bfloat16
+    np.testing.assert_allclose(shared_answers, answers, atol=0.05)
+    assert np.mean(shared_answers.argmax(axis=1) == answers.argmax(axis=1)) >= 0.9
     saved_answers = sum(0.5 * np.load(setup.models / f"trial-{n}.predictions.npz")["test"] for n in members)
     np.testing.assert_allclose(answers, saved_answers, atol=0.05)  # the trials' own answers (bfloat16 here)
 
@@ -79,8 +86,8 @@ def test_a_transfer_studys_ensemble_is_one_keras_model_answering_as_its_members_
     first_half = np.arange(len(labels)) < len(labels) // 2
     for n, right in zip(members, (first_half, ~first_half)):
         path = setup.models / f"trial-{n}.predictions.npz"
-        test = np.load(path)["test"]
-        np.savez(path, val=one_hot_answers(right, labels, classes=4), test=test)
+        saved = dict(np.load(path))
+        np.savez(path, **{**saved, "val": one_hot_answers(right, labels, classes=4)})
     study = optuna.load_study(study_name=summary.study_name, storage=f"sqlite:///{workdir}/optuna.db")
     best = study.best_trial
     finish.register_and_report(setup, summary.parent_run_id,
