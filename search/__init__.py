@@ -14,6 +14,7 @@ MLflow records. The path of data, one module a job:
     refit.py      the best configuration retrained for the rest of the budget
     stopping.py   failure streak, study patience, memory watch
     finish.py     the end of an invocation: best trial, registered model, report
+    ensemble.py   greedy ensemble selection over the kept trials, registered when it beats the best
     tracking.py   MLflow calls
     results.py, tables.py, report.py, evaluation.py, registry.py, disk.py   what people read afterwards
     predict.py, breed_classifier.py   the registered model on photos

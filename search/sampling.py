@@ -13,7 +13,7 @@ import optuna
 from optuna.trial import TrialState
 
 from search import space as spaces
-from search.config import (HYPERBAND_FACTOR, MEDIAN_STARTUP_TRIALS, MEDIAN_WARMUP_EPOCHS, NEAR_DEFAULT_KEEP,
+from search.config import (HYPERBAND_FACTOR, MEDIAN_STARTUP_TRIALS, MEDIAN_WARMUP_EPOCHS, NEAR_DEFAULT_CHANGES,
                            NEAR_DEFAULT_SPREAD, OBJECTIVES, REFIT_AUTO, REFIT_MAX, TPE_STARTUP, SearchConfig)
 from search.errors import ConfigError
 
@@ -40,19 +40,23 @@ def make_sampler(name: str, seed: int, space: spaces.Space, target: int) -> optu
 
 
 def near_default(space: spaces.Space, rng: np.random.Generator) -> dict:
-    """A perturbation of the space's default configuration: each categorical choice kept with probability
-    NEAR_DEFAULT_KEEP (else another one at random), each number moved by a normal step of NEAR_DEFAULT_SPREAD of
-    its (log) range, rounded to its step and kept in range. Conditions are followed as the values are drawn."""
+    """A perturbation of the space's default configuration: NEAR_DEFAULT_CHANGES of its searched parameters,
+    drawn at random, move (a number by a normal step of NEAR_DEFAULT_SPREAD of its (log) range, rounded to its
+    step and kept in range; a choice to another one at random); the rest keep their defaults. Conditions are
+    followed as the values are set, so a parameter that becomes active takes its default."""
+    searched = [p.name for p in space.params.values() if p.type != "fixed"
+                and not (p.type == "categorical" and len(p.choices) < 2)
+                and p.active(spaces.default_params(space))]
+    moving = set(rng.choice(searched, size=min(NEAR_DEFAULT_CHANGES, len(searched)), replace=False))
     params: dict = {}
     for p in space.params.values():
         if not p.active(params):
             continue
-        if p.type == "fixed":
-            params[p.name] = p.value
+        if p.name not in moving:
+            params[p.name] = p.value if p.type == "fixed" else p.default
         elif p.type == "categorical":
             others = [c for c in p.choices if c != p.default]
-            keep = not others or rng.random() < NEAR_DEFAULT_KEEP
-            params[p.name] = p.default if keep else others[rng.integers(len(others))]
+            params[p.name] = others[rng.integers(len(others))]
         else:
             params[p.name] = moved_number(p, rng)
     return params

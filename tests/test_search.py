@@ -172,9 +172,8 @@ def test_perturbations_of_the_default_stay_valid_and_mostly_near_it():
     drawn = [near_default(space, rng) for _ in range(300)]
     for params in drawn:
         assert params == spaces.complete_params(space, params)  # every value valid, every condition followed
-    categorical = [p.name for p in space.params.values() if p.type == "categorical" and len(p.choices) > 1
-                   and not p.when]
-    kept = np.mean([params[name] == default[name] for params in drawn for name in categorical])
-    assert 0.6 < kept < 0.8  # NEAR_DEFAULT_KEEP = 0.7
-    rates = np.array([params["learning_rate"] for params in drawn if "learning_rate" in params])
-    assert 0.5 < np.median(rates / default["learning_rate"]) < 2 and len(set(rates)) > 100
+    # NEAR_DEFAULT_CHANGES = 2 (a number may round to its default; parameters a change switches on or off aside)
+    moved = [sum(params[name] != value for name, value in default.items() if name in params) for params in drawn]
+    assert max(moved) <= 2 and np.mean(moved) > 1.5
+    rates = np.array([params["learning_rate"] for params in drawn if params["learning_rate"] != default["learning_rate"]])
+    assert 0.5 < np.median(rates / default["learning_rate"]) < 2 and len(rates) > 10
