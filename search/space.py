@@ -20,7 +20,8 @@ import yaml
 from search.errors import ConfigError
 
 TOP_KEYS = {"name", "description", "model", "dataset", "budget", "params", "datasets", "recipes", "fidelity",
-            "architectures", "baselines"}
+            "architectures", "baselines", "start"}
+STARTS = ("default", "near_default")  # TPE's start-up trials after the default: its own random draws, or perturbations
 BUDGET_KEYS = {"trials": int, "epochs": int, "patience": int, "subset": (int, type(None)),
                "timeout": (int, float, type(None)), "max_mflops": (int, float, str, type(None)),
                "refit": (int, float), "keep_models": int, "max_memory_growth": (int, float)}
@@ -76,6 +77,7 @@ class Space:
     fidelity: dict = field(default_factory=dict)
     architectures: dict[str, dict] = field(default_factory=dict)   # name -> blocks and head (see check_architecture)
     baselines: list[dict] = field(default_factory=list)            # this dataset's hand-made configurations
+    start: str = "default"  # near_default: TPE's start-up trials are perturbations of the default (search/sampling.py)
 
 
 # ---------------------------------------------------------------- finding and reading
@@ -129,6 +131,7 @@ def load_space(name_or_path: str, dataset: str | None = None) -> Space:
         fidelity=dict(raw.get("fidelity") or {}),
         architectures=dict(raw.get("architectures") or {}),
         baselines=list((raw.get("baselines") or {}).get(kind) or []),
+        start=str(raw.get("start", "default")),
     )
     check_baselines(space)
     return space
@@ -186,6 +189,9 @@ def check_space(raw: dict, path: Path) -> None:
     baselines = raw.get("baselines") or {}
     unknown(baselines, set(DATASET_KINDS), f"{where}: baselines")
     check_fidelity(raw.get("fidelity") or {}, f"{where}: fidelity")
+    if raw.get("start", "default") not in STARTS:
+        raise SpaceError(f"{where}: start: {raw['start']!r}; give default (TPE's own start-up draws after the "
+                         "default trial) or near_default (perturbations of the default first)")
 
 
 def check_fidelity(fidelity: dict, where: str) -> None:

@@ -153,8 +153,8 @@ def test_an_architecture_that_shrinks_below_one_pixel_is_pruned_before_training(
 
 def test_a_new_tpe_study_starts_at_the_default_then_near_it_before_tpe_suggests(cifar_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    summary = run_search(SearchConfig(space=str(write_space(tmp_path, TINY_SPACE)), data_dir=str(cifar_dir), trials=4,
-                                      subset=100))
+    space = write_space(tmp_path, TINY_SPACE.replace("params:", "start: near_default\nparams:", 1))
+    summary = run_search(SearchConfig(space=str(space), data_dir=str(cifar_dir), trials=4, subset=100))
     study = optuna.load_study(study_name=summary.study_name, storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
     sources = [t.user_attrs.get("source", "sampler") for t in study.trials]
     assert sources == ["default", "near-default", "near-default", "sampler"]  # TPE's 3 start-up trials, then TPE

@@ -157,7 +157,7 @@ def invocation_settings(setup: Setup) -> dict:
 
 def first_trials(setup: Setup) -> None:
     """Enqueue the hand-made baselines (--baselines), the space's defaults in a new study, a warm start's best,
-    and, for TPE's start-up trials, perturbations of the default instead of random draws."""
+    and, when the space says `start: near_default`, perturbations of the default as TPE's start-up trials."""
     study = setup.study
     new = not study.get_trials(deepcopy=False)
     if setup.config.baselines:
@@ -166,7 +166,7 @@ def first_trials(setup: Setup) -> None:
         study.enqueue_trial(spaces.default_params(setup.space), user_attrs={"source": "default"})
     if setup.config.warm_start:
         enqueue_warm_start(setup)
-    if setup.config.default_trial and new and setup.config.sampler == "tpe":
+    if setup.config.default_trial and new and setup.config.sampler == "tpe" and setup.space.start == "near_default":
         enqueue_near_default(setup)
 
 
