@@ -143,8 +143,9 @@ TRAIN_SUBSET_FLOOR = 0.5     # never fewer than this share of the training image
                              # first and its refit reached 65.6% test against 76.4% explored on every image (one run each)
 
 # Samplers and pruners (search/sampling.py).
-TPE_STARTUP = (3, 10, 3)  # TPE's start-up trials: target // 3, at least 3 and at most 10 (trials); in a new study
-                          # with the default trial these are the default and perturbations of it, not random draws
+TPE_STARTUP = (3, 10, 3)  # TPE's start-up trials: target // 3, at least 3 and at most 10 (trials); in a new study of
+                          # a space with `start: near_default` these are the default and perturbations of it
+BAYESIAN_STARTUP = (2, 10, 3)  # Keras Tuner's Gaussian process: random points first, target // 3 in 2..10 (trials)
 NEAR_DEFAULT_CHANGES = 2  # a perturbation of the default changes this many of its parameters (drawn at random) ...
 NEAR_DEFAULT_SPREAD = 0.15  # ... a number by a normal step of this share of its range (of its log range for log-scaled
                             # ones), a choice to another at random. On the dogs, 20 of the random arm's 27 trials
