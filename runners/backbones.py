@@ -67,6 +67,11 @@ def backbone_named(name: str) -> Backbone:
     raise RunnerConfigError(f"unknown backbone '{name}'; available: {', '.join(BACKBONES)}")
 
 
+def members(choice: str) -> list[Backbone]:
+    """The backbones a `backbone` value names: one, or several joined by '+'."""
+    return [backbone_named(name) for name in choice.split("+") if name.strip()]
+
+
 def check_size(backbone: Backbone, image_size: int, error=ArchitectureError) -> None:
     """Reject an input smaller than the backbone takes."""
     if image_size < backbone.min_size:

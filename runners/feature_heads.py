@@ -24,7 +24,7 @@ import numpy as np
 from keras import layers
 
 from runners import features, train
-from runners.backbones import Backbone, Weights, backbone_named, build_backbone, imagenet_classifier, preprocessing
+from runners.backbones import Backbone, Weights, build_backbone, imagenet_classifier, members, preprocessing
 from runners.datasets import Dataset
 from runners.pipeline import evaluation_batches, one_hot
 from runners.progress import live_bar
@@ -180,15 +180,15 @@ def build_model(backbone_models: list[keras.Model], backbones: list[Backbone], h
     return keras.Model(inputs, outputs, name=f"transfer_{name.replace('+', '_and_')}")
 
 
-def ensemble_model(members: list[tuple[dict, keras.Model, float]], image_size: int) -> keras.Model | None:
+def ensemble_model(trials: list[tuple[dict, keras.Model, float]], image_size: int) -> keras.Model | None:
     """The weighted sum of several trials' answers as one model that runs each backbone once per view.
 
-    `members`: (the trial's parameters, its saved model, its weight). Trials on cached features share their frozen
+    `trials`: (the trial's parameters, its saved model, its weight). Trials on cached features share their frozen
     ImageNet backbones, so only their heads (and whether they average the mirror image) differ: the image goes
     through each backbone once (twice with a mirror), every head reads its own pooled features. None when a
     member trained through its backbone (its backbone is its own): the caller then sums whole models."""
     if not all(p.get("mode", "frozen") == "frozen" and p.get("augmentation", "none") in ("none", "mirror")
-               for p, _, _ in members):
+               for p, _, _ in trials):
         return None
     inputs = keras.Input((image_size, image_size, 3), name="image")
     views = {"original": inputs}
@@ -207,8 +207,8 @@ def ensemble_model(members: list[tuple[dict, keras.Model, float]], image_size: i
         return shared[(backbone.name, pooling, view)]
 
     answers = []
-    for index, (params, model, weight) in enumerate(members):
-        backbones = [backbone_named(name) for name in params["backbone"].split("+")]
+    for index, (params, model, weight) in enumerate(trials):
+        backbones = members(params["backbone"])
         saved_head = model.get_layer("head")
         head = keras.Model(saved_head.inputs[0], saved_head.outputs[0], name=f"head_{index}")  # unique names
         tta = any(layer.name == "mirror_tta" for layer in model.layers)

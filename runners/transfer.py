@@ -39,7 +39,7 @@ from keras import layers
 from runners import features, train
 # the backbones' names and files are re-exported: tests and benchmarks reach them as transfer.X
 from runners.backbones import (BACKBONES, MOBILENET_ROWS, Backbone, Weights, backbone_named,  # noqa: F401
-                               build_backbone, check_size, imagenet_classifier, keras_models_dir, preprocessing,
+                               build_backbone, check_size, imagenet_classifier, keras_models_dir, members, preprocessing,
                                resolve_weights, weights_file_name, weights_sha256)
 from runners.datasets import Dataset
 # the cached-feature head's parts, re-exported for the same reason
@@ -60,11 +60,6 @@ TIME_LEFT_SHARE = 0.5  # under a time budget, a trial through a backbone may tak
 
 
 # ---------------------------------------------------------------- choosing backbones (before any trial)
-
-
-def members(choice: str) -> list[Backbone]:
-    """The backbones a `backbone` value names: one, or several joined by '+'."""
-    return [backbone_named(name) for name in choice.split("+") if name.strip()]
 
 
 def choice_name(choice: str) -> str:

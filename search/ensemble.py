@@ -30,12 +30,18 @@ log = logging.getLogger("search")
 class Ensemble:
     """The chosen members and how it scores."""
 
-    weights: dict[int, float]      # trial number -> share of the average (sums to 1)
+    counts: dict[int, int]         # trial number -> times greedy selection picked it
     val_accuracy: float
     best_single: tuple[int, float]  # (trial, validation accuracy) of the best kept member candidate
     test_accuracy: float
     test_top3_accuracy: float
     test_probabilities: np.ndarray
+
+    @property
+    def weights(self) -> dict[int, float]:
+        """Trial number -> share of the average (sums to 1)."""
+        picked = sum(self.counts.values())
+        return {n: c / picked for n, c in self.counts.items()}
 
     @property
     def beats_best_single(self) -> bool:
@@ -52,17 +58,18 @@ def accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(probabilities.argmax(axis=1) == labels))
 
 
-def greedy_selection(val: dict[int, np.ndarray], labels: np.ndarray, rounds: int = ENSEMBLE_ROUNDS) -> dict[int, int]:
-    """Trial -> times picked: forward selection with replacement maximising validation accuracy of the mean.
+def greedy_selection(val: dict, labels: np.ndarray, rounds: int = ENSEMBLE_ROUNDS) -> dict:
+    """Candidate (a trial number, or any sortable key) -> times picked: forward selection with replacement maximising validation accuracy of the mean.
 
     Each round adds the candidate whose addition is most accurate (ties: the lower log loss, then the lower
     trial number); the round with the best accuracy (earliest of equals) ends the selection."""
     total, counts, best, best_counts = None, {}, -1.0, {}
+    rank = {n: i for i, n in enumerate(sorted(val))}  # ties go to the lowest key (trial number, or name)
     for size in range(1, rounds + 1):
-        def score(n: int) -> tuple[float, float, int]:
+        def score(n) -> tuple[float, float, int]:
             mean = (val[n] if total is None else total + val[n]) / size
             log_loss = -np.mean(np.log(np.clip(mean[np.arange(len(labels)), labels], 1e-7, 1.0)))
-            return accuracy(mean, labels), -log_loss, -n
+            return accuracy(mean, labels), -log_loss, -rank[n]
 
         chosen = max(val, key=score)
         total = val[chosen] if total is None else total + val[chosen]
@@ -72,6 +79,19 @@ def greedy_selection(val: dict[int, np.ndarray], labels: np.ndarray, rounds: int
     return best_counts
 
 
+def combine(val: dict, test: dict, y_val: np.ndarray, y_test: np.ndarray) -> Ensemble:
+    """The greedy ensemble of candidates' validation answers (`val`, key -> probabilities), scored on `test`."""
+    val = {n: v.astype(np.float64) for n, v in val.items()}
+    counts = greedy_selection(val, y_val)
+    weights = {n: c / sum(counts.values()) for n, c in counts.items()}
+    singles = {n: accuracy(v, y_val) for n, v in val.items()}
+    best_single = max(sorted(singles.items()), key=lambda ns: ns[1])
+    answers = sum(w * test[n].astype(np.float64) for n, w in weights.items())
+    top3 = np.argsort(answers, axis=1)[:, -3:]
+    return Ensemble(counts, accuracy(sum(w * val[n] for n, w in weights.items()), y_val), best_single,
+                    accuracy(answers, y_test), float(np.mean((top3 == y_test[:, None]).any(axis=1))), answers)
+
+
 def select(folder: Path, data) -> Ensemble | None:
     """The ensemble of the kept trials in `folder` on `data`'s validation split; None with fewer than two."""
     saved = {int(p.name.split(".")[0].split("-")[1]): p for p in folder.glob("trial-*.predictions.npz")}
@@ -79,17 +99,8 @@ def select(folder: Path, data) -> Ensemble | None:
     if len(saved) < 2:
         return None
     arrays = {n: np.load(p) for n, p in saved.items()}
-    y_val, y_test = data.splits["val"][1], data.splits["test"][1]
-    val = {n: a["val"].astype(np.float64) for n, a in arrays.items()}
-    counts = greedy_selection(val, y_val)
-    picked = sum(counts.values())
-    weights = {n: c / picked for n, c in counts.items()}
-    singles = {n: accuracy(v, y_val) for n, v in val.items()}
-    best_single = max(sorted(singles.items()), key=lambda ns: ns[1])
-    test = sum(w * arrays[n]["test"].astype(np.float64) for n, w in weights.items())
-    top3 = np.argsort(test, axis=1)[:, -3:]
-    return Ensemble(weights, accuracy(sum(w * val[n] for n, w in weights.items()), y_val), best_single,
-                    accuracy(test, y_test), float(np.mean((top3 == y_test[:, None]).any(axis=1))), test)
+    return combine({n: a["val"] for n, a in arrays.items()}, {n: a["test"] for n, a in arrays.items()},
+                   data.splits["val"][1], data.splits["test"][1])
 
 
 def ensemble_model(folder: Path, weights: dict[int, float], runner=None):
@@ -119,10 +130,10 @@ def ensemble_model(folder: Path, weights: dict[int, float], runner=None):
     return keras.Model(inputs, outputs, name="ensemble")
 
 
-def build_and_log(setup, parent: str) -> tuple[Ensemble, str, Path] | None:
+def build_and_log(setup, parent: str) -> tuple[Ensemble, str, Path, int] | None:
     """Select the ensemble of the kept trials; when it beats the best single trial, save its Keras model and
-    record it as an MLflow run (`search.role=ensemble`) under the parent. (ensemble, run id, model path), or
-    None when there is nothing to combine or the ensemble does not beat the best trial."""
+    record it as an MLflow run (`search.role=ensemble`) under the parent. (ensemble, run id, model path, its
+    input size), or None when there is nothing to combine or the ensemble does not beat the best trial."""
     from search.setup import class_names
 
     data = next(iter(setup.data_cache.values()))  # the run's data (every trial's split is the same)
@@ -134,7 +145,8 @@ def build_and_log(setup, parent: str) -> tuple[Ensemble, str, Path] | None:
                  f"{found.best_single[1]:.4f}) is as accurate on validation as any combination of them")
         return None
     path = setup.models / "ensemble.keras"
-    ensemble_model(setup.models, found.weights, setup.runner).save(path)
+    model = ensemble_model(setup.models, found.weights, setup.runner)
+    model.save(path)
     run_id = tracking.start_ensemble_run(setup.client, setup.experiment_id, parent, setup.study_name, {
         "val_accuracy": found.val_accuracy, "test_accuracy": found.test_accuracy,
         "test_top3_accuracy": found.test_top3_accuracy, "members": len(found.weights),
@@ -146,4 +158,4 @@ def build_and_log(setup, parent: str) -> tuple[Ensemble, str, Path] | None:
     setup.client.set_terminated(run_id, "FINISHED")
     log.info(f"ensemble: trials {found.members_text()}: val {found.val_accuracy:.4f} against {found.best_single[1]:.4f} "
              f"for trial {found.best_single[0]} alone (test {found.test_accuracy:.4f})")
-    return found, run_id, path
+    return found, run_id, path, int(model.input_shape[1])

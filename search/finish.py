@@ -93,11 +93,9 @@ def register_and_report(setup: RunSetup, parent: str, best: BestTrial, study) ->
     combined = ensemble.build_and_log(setup, parent) if setup.data_cache else None
     said = None
     if combined is not None:
-        found, run_id, path = combined
-        image_size = int(setup.client.get_run(best.run_id).data.params.get("image_size", 0)) if best.run_id else 0
+        found, run_id, path, image_size = combined
         version = registry.register_best(setup.client, setup.study_name, run_id, path, class_names(setup),
-                                         image_size or next(iter(setup.data_cache)), f"ensemble {found.members_text()}",
-                                         found.val_accuracy)
+                                         image_size, f"ensemble {found.members_text()}", found.val_accuracy)
         said = (f"ensemble of trials {found.members_text()}: val {found.val_accuracy:.4f}, test "
                 f"{found.test_accuracy:.4f} (models:/{version.name}/{version.version})")
         log.info(f"best model: models:/{version.name}/{version.version} (the ensemble)")

@@ -44,9 +44,9 @@ def near_default(space: spaces.Space, rng: np.random.Generator) -> dict:
     drawn at random, move (a number by a normal step of NEAR_DEFAULT_SPREAD of its (log) range, rounded to its
     step and kept in range; a choice to another one at random); the rest keep their defaults. Conditions are
     followed as the values are set, so a parameter that becomes active takes its default."""
+    default = spaces.default_params(space)
     searched = [p.name for p in space.params.values() if p.type != "fixed"
-                and not (p.type == "categorical" and len(p.choices) < 2)
-                and p.active(spaces.default_params(space))]
+                and not (p.type == "categorical" and len(p.choices) < 2) and p.active(default)]
     moving = set(rng.choice(searched, size=min(NEAR_DEFAULT_CHANGES, len(searched)), replace=False))
     params: dict = {}
     for p in space.params.values():

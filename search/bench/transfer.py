@@ -142,22 +142,14 @@ def main(argv: list[str]) -> int:
 
 def ensemble_row(results: dict, data) -> dict:
     """Greedy ensemble selection (search/ensemble.py) over the rows' heads, on validation; scored on test."""
-    import numpy as np
+    from search.ensemble import combine
 
-    from search.ensemble import accuracy, greedy_selection
-
-    names = list(results)
-    counts = greedy_selection({i: results[n].val_probabilities for i, n in enumerate(names)}, data.splits["val"][1])
-    total = sum(counts.values())
-    val = sum(c * results[names[i]].val_probabilities for i, c in counts.items()) / total
-    test = sum(c * results[names[i]].test_probabilities for i, c in counts.items()) / total
-    y_test = data.splits["test"][1]
-    top3 = np.argsort(test, axis=1)[:, -3:]
-    members = " + ".join(f"{names[i].replace('efficientnet_', '')} x{c}" for i, c in counts.items())
-    return {"model": f"ensemble: {members}", "test top-1": accuracy(test, y_test),
-            "test top-3": float(np.mean((top3 == y_test[:, None]).any(axis=1))),
-            "val top-1": accuracy(val, data.splits["val"][1]), "embedding images/s": None, "caches": "",
-            "mirror TTA": "as each member", "seconds": 0.0}
+    found = combine({n: r.val_probabilities for n, r in results.items()},
+                    {n: r.test_probabilities for n, r in results.items()}, data.splits["val"][1], data.splits["test"][1])
+    members = " + ".join(f"{n.replace('efficientnet_', '')} x{c}" for n, c in found.counts.items())
+    return {"model": f"ensemble: {members}", "test top-1": found.test_accuracy, "test top-3": found.test_top3_accuracy,
+            "val top-1": found.val_accuracy, "embedding images/s": None, "caches": "", "mirror TTA": "as each member",
+            "seconds": 0.0}
 
 
 def has_bf16() -> bool:
