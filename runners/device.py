@@ -8,6 +8,7 @@ against 250 images/s); CPUs without those instructions would emulate it, slower,
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -51,3 +52,20 @@ def configure_devices(mixed_precision: bool | None = None) -> dict:
     keras.mixed_precision.set_global_policy("mixed_float16" if use_mixed else "float32")
     name = details.get("device_name", "GPU")
     return {"device": f"GPU:0 ({name})", "gpus": len(gpus), "mixed_precision": "float16" if use_mixed else False}
+
+
+@contextlib.contextmanager
+def float32_models():
+    """Models built inside the block compute in float32, whatever the global policy (restored after).
+
+    For inference through a frozen backbone on a CPU: EfficientNet-Lite0 at 288 px embedded 126 images/s in
+    float32 against 96 in bfloat16 on an AMD EPYC with AVX512_BF16 (512 images, two runs each): its depthwise
+    convolutions and casts gain nothing from bfloat16, which pays off only in large matrix products."""
+    import keras
+
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(policy)

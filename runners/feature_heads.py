@@ -26,6 +26,7 @@ from keras import layers
 from runners import features, train
 from runners.backbones import Backbone, Weights, build_backbone, imagenet_classifier, members, preprocessing
 from runners.datasets import Dataset
+from runners.device import float32_models
 from runners.pipeline import evaluation_batches, one_hot
 from runners.progress import live_bar
 from runners.train import TrialResult, fit_callbacks, make_loss, make_optimizer, result_of
@@ -36,9 +37,11 @@ from runners.train import TrialResult, fit_callbacks, make_loss, make_optimizer,
 
 def embedder(backbone_model: keras.Model, backbone: Backbone, image_size: int, batch_size: int = 64):
     """A function images (N, H, W, 3) uint8 -> (average-pooled, max-pooled) float32 features."""
-    inputs = keras.Input((image_size, image_size, 3))
-    feature_map = backbone_model(preprocessing(backbone)(inputs), training=False)
-    pooled = keras.Model(inputs, [layers.GlobalAveragePooling2D()(feature_map), layers.GlobalMaxPooling2D()(feature_map)])
+    with float32_models():
+        inputs = keras.Input((image_size, image_size, 3))
+        feature_map = backbone_model(preprocessing(backbone)(inputs), training=False)
+        pooled = keras.Model(inputs, [layers.GlobalAveragePooling2D()(feature_map),
+                                      layers.GlobalMaxPooling2D()(feature_map)])
 
     def embed(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         labels = np.zeros(len(images), dtype=np.int32)
@@ -56,8 +59,10 @@ def embedder(backbone_model: keras.Model, backbone: Backbone, image_size: int, b
 
 
 def feature_set(data: Dataset, backbone: Backbone, weights: Weights, workdir) -> tuple[features.FeatureSet, keras.Model]:
-    """The cached features of data for this backbone and weights (built on first use), and the backbone."""
-    backbone_model = build_backbone(backbone, data.image_size, weights)
+    """The cached features of data for this backbone and weights (built on first use), and the backbone (float32:
+    frozen, it only runs forward, which is faster in float32 on a CPU)."""
+    with float32_models():
+        backbone_model = build_backbone(backbone, data.image_size, weights)
     key = features.cache_key(backbone.name, weights.sha256, data.image_size, data)
     found = features.cached_features(workdir, key, data, embedder(backbone_model, backbone, data.image_size))
     return found, backbone_model

@@ -6,7 +6,9 @@ everything the features depend on: the backbone, the sha256 of its weights, the 
 (their keys, labels and a sample of their pixels). Each split gets four arrays: global-average and
 global-max pooled (the head's `pooling` choice picks one), of each photo and of its mirror image (for heads
 trained with `augmentation: mirror` and for mirror test-time augmentation; a mirrored photo is as much a
-dog of its breed, and its features are not the photo's). `manifest.json` is written LAST with every file's
+dog of its breed, and its features are not the photo's). The same machinery keeps a backbone's activations
+before its last stage (`<workdir>/cache/activations/<key>/`, float16, one kind "activations") for trials
+that fine-tune that stage (runners/last_stage.py). `manifest.json` is written LAST with every file's
 shape and sha256: a folder without a manifest, or with a file that does not match it (truncated,
 overwritten, missing), is rebuilt, never used.
 """
@@ -28,9 +30,9 @@ from runners.digest import file_digest
 
 log = logging.getLogger("search")
 SPLITS = ("train", "val", "test")
-POOLINGS = ("average", "max")
+POOLINGS = ("average", "max")  # the kinds of the pooled-feature cache
 VIEWS = ("original", "mirror")  # each photo as it is, and flipped left to right
-FORMAT = 2  # bump when the layout changes: old caches then get new keys
+FORMAT = 3  # bump when the layout changes: old caches then get new keys
 
 
 @dataclass
@@ -39,15 +41,15 @@ class FeatureSet:
 
     key: str
     folder: Path
-    arrays: dict[tuple[str, str, str], np.ndarray]   # (split, pooling, view) -> (N, D) float32
+    arrays: dict[tuple[str, str, str], np.ndarray]   # (split, kind, view) -> (N, ...): pooled float32 (N, D)
     labels: dict[str, np.ndarray]
     built: bool
     build_seconds: float
     images_per_second: float
 
-    def split(self, name: str, pooling: str, view: str = "original") -> tuple[np.ndarray, np.ndarray]:
-        """Features and labels of one split for one pooling, of the photos or of their mirror images."""
-        return self.arrays[(name, pooling, view)], self.labels[name]
+    def split(self, name: str, kind: str, view: str = "original") -> tuple[np.ndarray, np.ndarray]:
+        """Features and labels of one split for one kind (a pooling), of the photos or of their mirror images."""
+        return self.arrays[(name, kind, view)], self.labels[name]
 
 
 def data_fingerprint(data: Dataset) -> str:
@@ -67,21 +69,23 @@ def cache_key(backbone: str, weights_sha256: str, image_size: int, data: Dataset
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def cached_features(workdir: str | Path, key: str, data: Dataset, embed) -> FeatureSet:
-    """The features under `key`, loaded and verified; computed with `embed(images) -> (avg, max)` if absent or damaged."""
-    folder = Path(workdir) / "cache" / "features" / key
+def cached_features(workdir: str | Path, key: str, data: Dataset, embed, kinds: tuple = POOLINGS,
+                    cache: str = "features") -> FeatureSet:
+    """The arrays under `<workdir>/cache/<cache>/<key>`, loaded and verified; computed with `embed(images) -> one
+    array per kind` (by default (average, max)) if absent or damaged."""
+    folder = Path(workdir) / "cache" / cache / key
     labels = {split: np.asarray(data.splits[split][1]) for split in SPLITS}
     found = load_verified(folder, labels)
     if found is not None:
         arrays, manifest = found
         return FeatureSet(key, folder, arrays, labels, False, manifest["build_seconds"], manifest["images_per_second"])
-    return build(folder, key, data, labels, embed)
+    return build(folder, key, data, labels, embed, kinds)
 
 
-def cached_rate(workdir: str | Path, key: str) -> float | None:
-    """Images per second the build of the features under `key` embedded at, or None when not built (or unreadable)."""
+def cached_rate(workdir: str | Path, key: str, cache: str = "features") -> float | None:
+    """Images per second the build of the arrays under `key` embedded at, or None when not built (or unreadable)."""
     try:
-        return float(json.loads((Path(workdir) / "cache" / "features" / key / "manifest.json").read_text())
+        return float(json.loads((Path(workdir) / "cache" / cache / key / "manifest.json").read_text())
                      ["images_per_second"])
     except (OSError, ValueError, KeyError):
         return None
@@ -103,7 +107,7 @@ def load_verified(folder: Path, labels: dict[str, np.ndarray]):
             if problem:
                 log.warning(f"feature cache {folder.name}: {name} {problem}; rebuilding")
                 return None
-            arrays[(entry["split"], entry["pooling"], entry["view"])] = np.load(path, mmap_mode="r")
+            arrays[(entry["split"], entry["kind"], entry["view"])] = np.load(path, mmap_mode="r")
         return arrays, manifest
     except (OSError, ValueError, KeyError) as err:
         log.warning(f"feature cache {folder.name}: unreadable ({type(err).__name__}: {err}); rebuilding")
@@ -125,7 +129,7 @@ def file_problem(path: Path, entry: dict, rows: int) -> str | None:
     return None
 
 
-def build(folder: Path, key: str, data: Dataset, labels: dict, embed) -> FeatureSet:
+def build(folder: Path, key: str, data: Dataset, labels: dict, embed, kinds: tuple = POOLINGS) -> FeatureSet:
     """Embed every split and its mirror image, write the arrays, then the manifest (last, atomically)."""
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -134,14 +138,14 @@ def build(folder: Path, key: str, data: Dataset, labels: dict, embed) -> Feature
     for split in SPLITS:
         for view in VIEWS:
             images = data.splits[split][0]
-            pooled = embed(images[:, :, ::-1] if view == "mirror" else images)
-            for pooling, values in zip(POOLINGS, pooled):
-                name = f"{split}_{pooling}_{view}.npy"
-                values = np.ascontiguousarray(values, dtype=np.float32)
+            embedded = embed(images[:, :, ::-1] if view == "mirror" else images)
+            for kind, values in zip(kinds, embedded):
+                name = f"{split}_{kind}_{view}.npy"
+                values = np.ascontiguousarray(values)  # its own dtype: float32 features, float16 activations
                 np.save(folder / name, values)
-                files[name] = {"split": split, "pooling": pooling, "view": view, "shape": list(values.shape),
+                files[name] = {"split": split, "kind": kind, "view": view, "shape": list(values.shape),
                                "bytes": (folder / name).stat().st_size, "sha256": file_digest(folder / name)}
-                arrays[(split, pooling, view)] = values
+                arrays[(split, kind, view)] = values
     seconds = time.perf_counter() - started
     images = len(VIEWS) * sum(len(v) for v in labels.values())
     manifest = {"key": key, "files": files, "build_seconds": seconds, "images": images,

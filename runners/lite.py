@@ -239,6 +239,35 @@ def unfreeze_last_stages(model, n, train_batchnorm=False):
     return model
 
 
+def split_before_last_stage(model):
+    """(prefix, tail) of a no-top build_backbone model: image -> input of the last stage, and a new model from
+    there -> the feature map (the last stage and the head convolution) holding the same weights.
+
+    The tail is built under the current dtype policy, so it can train in bfloat16 while the prefix embeds in
+    float32; the prefix shares the model's layers, the tail has its own (copy them back with copy_weights)."""
+    import keras
+
+    name, last = model.name, len(_STAGES)
+    cut = [layer.name for layer in model.layers if layer.name.startswith(f"stage{last - 1}_")][-1]
+    prefix = keras.Model(model.input, model.get_layer(cut).output, name=f"{name}_prefix")
+    inputs = keras.Input(prefix.output.shape[1:], name="activations")
+    x = inputs
+    for stage, block, in_ch, out_ch, kernel, stride, expand in block_specs(name):
+        if stage == last:
+            x = _mbconv(x, in_ch, out_ch, kernel, stride, expand, f"stage{stage}_block{block}")
+    tail = keras.Model(inputs, _conv_bn(x, _HEAD_CHANNELS, 1, 1, "head"), name=f"{name}_last_stage")
+    copy_weights(model, tail)
+    return prefix, tail
+
+
+def copy_weights(source, target) -> None:
+    """Give each weighted layer of target that source has too (by name) source's weights."""
+    theirs = {layer.name: layer for layer in source.layers}
+    for layer in target.layers:
+        if layer.weights and layer.name in theirs:
+            layer.set_weights(theirs[layer.name].get_weights())
+
+
 # --------------------------------------------------------------------------
 # Weight mapping torch state dict -> Keras layers.
 # --------------------------------------------------------------------------

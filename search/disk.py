@@ -52,6 +52,7 @@ def shared_files(workdir: str | Path) -> list[dict]:
     root = Path(workdir).expanduser()
     return [{"what": "image cache (cache/images)", "mb": folder_bytes(root / "cache" / "images") / MB},
             {"what": "feature cache (cache/features)", "mb": folder_bytes(root / "cache" / "features") / MB},
+            {"what": "activation cache (cache/activations)", "mb": folder_bytes(root / "cache" / "activations") / MB},
             {"what": "stores (mlflow.db, optuna.db, optuna.journal)",
              "mb": sum(folder_bytes(root / f) for f in ("mlflow.db", "optuna.db", "optuna.journal")) / MB},
             {"what": f"everything under {root}/", "mb": folder_bytes(root) / MB}]
