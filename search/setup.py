@@ -4,6 +4,7 @@ the data, the MLflow experiment. Any problem here is a ConfigError (exit 2) befo
 from __future__ import annotations
 
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -138,6 +139,7 @@ def _prepare_run(config: SearchConfig, study_suffix: str, check) -> RunSetup:
     dataset, space, budget = resolve_space(config)
     if check:
         check(space, budget)
+    apply_environment(space.environment)  # before the runner's import starts TensorFlow
     runner = runner_named(space.model)
     narrow(space, runner, config)
     study_name = config.study_name or f"{space.name}-{dataset.split(':')[0]}{study_suffix}"
@@ -149,6 +151,15 @@ def _prepare_run(config: SearchConfig, study_suffix: str, check) -> RunSetup:
     exp_id = tracking.experiment_id(client, study_name, artifact_root(uri, workdir))
     return RunSetup(config, space, dataset, study_name, budget.trials, budget.timeout, budget.epochs,
                     budget.patience, budget.subset, runner, client, exp_id, uri, data_cache=cache)
+
+
+def apply_environment(environment: dict[str, str]) -> None:
+    """The space's environment variables, for TensorFlow to read when it starts; a variable already set wins
+    (the user's own), and in a process where TensorFlow has started (a notebook) they change nothing."""
+    for name, value in environment.items():
+        if name not in os.environ:
+            os.environ[name] = value
+            log.info(f"environment: {name}={value} (from the space)")
 
 
 def narrow(space: spaces.Space, runner, config: SearchConfig) -> None:

@@ -20,7 +20,7 @@ import yaml
 from search.errors import ConfigError
 
 TOP_KEYS = {"name", "description", "model", "dataset", "budget", "params", "datasets", "recipes", "fidelity",
-            "architectures", "baselines", "start"}
+            "architectures", "baselines", "start", "environment"}
 STARTS = ("default", "near_default")  # TPE's start-up trials after the default: its own random draws, or perturbations
 BUDGET_KEYS = {"trials": int, "epochs": int, "patience": int, "subset": (int, type(None)),
                "timeout": (int, float, type(None)), "max_mflops": (int, float, str, type(None)),
@@ -78,6 +78,7 @@ class Space:
     architectures: dict[str, dict] = field(default_factory=dict)   # name -> blocks and head (see check_architecture)
     baselines: list[dict] = field(default_factory=list)            # this dataset's hand-made configurations
     start: str = "default"  # near_default: TPE's start-up trials are perturbations of the default (search/sampling.py)
+    environment: dict[str, str] = field(default_factory=dict)  # variables TensorFlow reads when it starts
 
 
 # ---------------------------------------------------------------- finding and reading
@@ -132,6 +133,7 @@ def load_space(name_or_path: str, dataset: str | None = None) -> Space:
         architectures=dict(raw.get("architectures") or {}),
         baselines=list((raw.get("baselines") or {}).get(kind) or []),
         start=str(raw.get("start", "default")),
+        environment={str(k): str(v) for k, v in (raw.get("environment") or {}).items()},
     )
     check_baselines(space)
     return space
@@ -189,6 +191,10 @@ def check_space(raw: dict, path: Path) -> None:
     baselines = raw.get("baselines") or {}
     unknown(baselines, set(DATASET_KINDS), f"{where}: baselines")
     check_fidelity(raw.get("fidelity") or {}, f"{where}: fidelity")
+    environment = raw.get("environment") or {}
+    if not isinstance(environment, dict) or not all(isinstance(v, (str, int, float)) for v in environment.values()):
+        raise SpaceError(f"{where}: environment: a mapping of variable name -> value (a string or a number), "
+                         "e.g. {TF_CPU_ALLOCATOR_USE_BFC: 1}")
     if raw.get("start", "default") not in STARTS:
         raise SpaceError(f"{where}: start: {raw['start']!r}; give default (TPE's own start-up draws after the "
                          "default trial) or near_default (perturbations of the default first)")

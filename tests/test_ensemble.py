@@ -1,4 +1,6 @@
 """Ensemble selection over a study's kept models: the greedy choice, the one Keras model, what gets registered."""
+import json
+
 import keras
 import mlflow
 import numpy as np
@@ -38,7 +40,7 @@ def test_greedy_selection_adds_the_member_that_fixes_the_others_mistakes_and_sto
 
 def test_a_transfer_studys_ensemble_is_one_keras_model_answering_as_its_members_average(dogs_dir, workdir):
     config = SearchConfig(space="transfer", backbone="efficientnet_lite0", dataset="stanford_dogs",
-                          data_dir=str(dogs_dir), breeds="4", subset=40, image_size=64, trials=3, epochs=2,
+                          data_dir=str(dogs_dir), breeds="4", subset=40, image_size=64, trials=4, epochs=2,
                           sampler="random", timeout=0, workdir=str(workdir))
     summary = run_search(config)
     setup = prepare_run(config, "", check=lambda space, budget: None)
@@ -48,7 +50,9 @@ def test_a_transfer_studys_ensemble_is_one_keras_model_answering_as_its_members_
     found = ensemble.select(setup.models, data)
     assert abs(sum(found.weights.values()) - 1) < 1e-9 and found.val_accuracy >= found.best_single[1]
 
-    members = [int(p.name.split(".")[0].split("-")[1]) for p in saved[:2]]
+    frozen = [p for p in saved if json.loads(str(np.load(p)["params"]))["mode"] == "frozen"]  # heads on cached features
+    members = [int(p.name.split(".")[0].split("-")[1]) for p in frozen[:2]]
+    assert len(members) == 2
     halves = {n: 0.5 for n in members}
     combined = ensemble.ensemble_model(setup.models, halves)
     images = data.splits["test"][0].astype("float32")

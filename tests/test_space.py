@@ -1,4 +1,6 @@
 """Space files: the shipped ones load, bad ones are refused with the file, the key and what is allowed."""
+import os
+
 import optuna
 import pytest
 
@@ -81,3 +83,26 @@ def test_a_condition_must_name_an_earlier_parameter(tmp_path):
 def test_an_unknown_space_name_lists_the_available_ones():
     with pytest.raises(SpaceError, match="unknown space 'scratch'.*Available: .*scratch_cnn"):
         load_space("scratch")
+
+
+def test_a_spaces_environment_is_set_before_tensorflow_starts_and_a_users_own_value_wins(
+        tmp_path, cifar_dir, monkeypatch):
+    import subprocess
+    import sys
+
+    from conftest import TINY_SPACE
+    from search.config import SearchConfig
+    from search.setup import prepare_run
+
+    path = write_space(tmp_path, TINY_SPACE + "environment: {SEARCH_TEST_A: 1, SEARCH_TEST_B: \"on\"}\n")
+    assert load_space(str(path)).environment == {"SEARCH_TEST_A": "1", "SEARCH_TEST_B": "on"}
+    monkeypatch.delenv("SEARCH_TEST_A", raising=False)
+    monkeypatch.setenv("SEARCH_TEST_B", "mine")
+    prepare_run(SearchConfig(space=str(path), data_dir=str(cifar_dir), workdir=str(tmp_path / "mlruns")))
+    assert (os.environ["SEARCH_TEST_A"], os.environ["SEARCH_TEST_B"]) == ("1", "mine")
+    # in a fresh process nothing the command imports before the space is read starts TensorFlow
+    code = ("import sys, optuna, search.run, search.drivers, search.setup, search.results; "
+            "sys.exit('tensorflow' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    with pytest.raises(SpaceError, match="environment: a mapping"):
+        load_space(str(write_space(tmp_path, TINY_SPACE + "environment: [TF_CPU_ALLOCATOR_USE_BFC]\n")))
