@@ -9,14 +9,15 @@
     scratch_cnn.py  a CNN from random initialisation (generated, or spelled out under `architectures:`)
     transfer.py     ImageNet backbones with a trained head; backbones.py: which backbones, their weights files;
                     features.py caches embeddings (photos and mirror images); feature_heads.py trains heads on
-                    them (several backbones together, mirror TTA, ensembles sharing backbones); lite.py is
-                    EfficientNet-Lite0/1/2 in Keras, reading the PyTorch weights with torch_legacy.py
+                    them (several backbones together, mirror TTA, ensembles sharing backbones); last_stage.py
+                    fine-tunes a backbone's last stage on cached activations; lite.py is EfficientNet-Lite0/1/2
+                    in Keras, reading the PyTorch weights with torch_legacy.py
     train.py        fit with early stopping and resumable checkpoints, test evaluation
     callbacks.py    epoch hook, deadline (and the schedule it shortens), progress line, checkpoints, Ctrl-C
                     (the first at a batch end, the second at once)
     speed.py        the machine's matmul rate and a configuration's measured training speed
     digest.py       file digests (downloads, weights tags, the feature cache)
-    device.py       GPUs, precision (bfloat16 where the CPU multiplies it natively)
+    device.py       GPUs, precision (bfloat16 where the CPU multiplies it natively; frozen backbones float32)
 """
 import os
 
