@@ -197,14 +197,16 @@ def ensemble_model(trials: list[tuple[dict, keras.Model, float]], image_size: in
         return None
     inputs = keras.Input((image_size, image_size, 3), name="image")
     views = {"original": inputs}
-    shared: dict = {}   # backbone name -> its feature map per view; (name, pooling, view) -> pooled features
+    shared: dict = {}   # (kind, name) -> the preprocessing or backbone layer; (name, view) -> feature map; (name, pooling, view) -> pooled
 
     def pooled(backbone: Backbone, pooling: str, view: str, owner: keras.Model):
         if view not in views:
             views[view] = mirrored(image_size)(inputs)
-        if (backbone.name, view) not in shared:
-            prepare = shared.setdefault(backbone.name, preprocessing(backbone, f"preprocess_{backbone.name}"))
-            shared[(backbone.name, view)] = owner.get_layer(backbone.name)(prepare(views[view]), training=False)
+        if (backbone.name, view) not in shared:  # one backbone layer per name: the first member's serves all views
+            prepare = shared.setdefault(("prepare", backbone.name),
+                                        preprocessing(backbone, f"preprocess_{backbone.name}"))
+            model = shared.setdefault(("model", backbone.name), owner.get_layer(backbone.name))
+            shared[(backbone.name, view)] = model(prepare(views[view]), training=False)
         if (backbone.name, pooling, view) not in shared:
             pool = layers.GlobalMaxPooling2D if pooling == "max" else layers.GlobalAveragePooling2D
             shared[(backbone.name, pooling, view)] = pool(name=f"pool_{pooling}_{backbone.name}_{view}")(

@@ -154,5 +154,5 @@ def build(folder: Path, key: str, data: Dataset, labels: dict, embed, kinds: tup
     partial = folder / "manifest.json.partial"
     partial.write_text(json.dumps(manifest, indent=1))
     os.replace(partial, folder / "manifest.json")
-    log.info(f"feature cache {key}: embedded {images:,} images in {seconds:.1f} s ({images / max(seconds, 1e-9):.1f} images/s)")
+    log.info(f"{folder.parent.name} cache {key}: embedded {images:,} images in {seconds:.1f} s ({images / max(seconds, 1e-9):.1f} images/s)")
     return FeatureSet(key, folder, arrays, labels, True, seconds, images / max(seconds, 1e-9))

@@ -171,10 +171,11 @@ def train_and_evaluate(params: dict, data: Dataset, *, epochs: int, patience: in
     keras.utils.set_random_seed(seed)
     workdir = options.get("workdir") or "mlruns"
     if params.get("mode") == "last_stage":
-        if len(backbones) > 1 or params.get("augmentation", "none") not in CACHED_AUGMENTATIONS:
-            raise ArchitectureError(f"mode last_stage trains one backbone's last stage on its cached activations: "
-                                    f"one backbone (not {params['backbone']}), augmentation "
-                                    f"{' or '.join(CACHED_AUGMENTATIONS)} (not {params.get('augmentation')})")
+        if len(backbones) > 1:
+            raise ArchitectureError(f"mode last_stage tunes one backbone's last stage, not {params['backbone']}'s")
+        if params.get("augmentation", "none") not in CACHED_AUGMENTATIONS:
+            raise ArchitectureError(f"mode last_stage trains on cached activations: augmentation "
+                                    f"{' or '.join(CACHED_AUGMENTATIONS)}, not {params.get('augmentation')}")
         check_time_left(data, backbones[0], weights[0], workdir, options.get("budget_end"),
                         params["fine_tune_epochs"], "last_stage")
         result = train_last_stage(params, data, backbones[0], weights[0], epochs=epochs, patience=patience,

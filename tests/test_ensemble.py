@@ -109,3 +109,23 @@ def test_a_transfer_studys_ensemble_is_one_keras_model_answering_as_its_members_
     answer = ensemble_keras.predict(decode_photo(str(photo), 64)[None].astype("float32"), verbose=0)[0]
     assert served.loc[0, "breed"] == data.class_names[int(answer.argmax())]
     assert abs(served.loc[0, "probability"] - float(answer.max())) < 1e-4
+
+
+def test_members_with_and_without_mirror_tta_share_one_backbone_layer_per_name():
+    from runners import feature_heads
+    from runners.backbones import BACKBONES, build_backbone, resolve_weights
+
+    lite0 = BACKBONES["efficientnet_lite0"]
+    params = {"backbone": "efficientnet_lite0", "mode": "frozen", "augmentation": "mirror", "pooling": "average",
+              "dense_layers": 0, "dropout": 0.0}
+    trials = []
+    for index, tta in enumerate((False, True)):  # each trial's saved model holds its own copy of the backbone
+        keras.utils.set_random_seed(index)
+        backbone = build_backbone(lite0, 64, resolve_weights(lite0, 64, None))
+        head = feature_heads.build_head(params, 1280, 3)
+        trials.append((params, feature_heads.build_model([backbone], [lite0], head, params, 64, tta), 0.5))
+    combined = feature_heads.ensemble_model(trials, 64)
+    assert [layer.name for layer in combined.layers].count("efficientnet_lite0") == 1
+    images = np.random.default_rng(0).uniform(0, 255, (4, 64, 64, 3)).astype("float32")
+    expected = sum(0.5 * model.predict(images, verbose=0) for _, model, _ in trials)
+    np.testing.assert_allclose(combined.predict(images, verbose=0), expected, atol=1e-5)

@@ -48,8 +48,8 @@ def test_a_last_stage_trial_keeps_the_tuned_stage_when_validation_gains_and_its_
 
 def test_last_stage_takes_one_efficientnet_lite_backbone_on_cached_views_and_a_budget_it_fits(dogs_dir, workdir):
     data = small_dogs(dogs_dir, workdir, image_size=64, subset=12)
-    for changes, message in [({"backbone": "efficientnet_lite0+efficientnet_lite1"}, "one backbone"),
-                             ({"augmentation": "flip"}, "augmentation none or mirror")]:
+    for changes, message in [({"backbone": "efficientnet_lite0+efficientnet_lite1"}, "one backbone's last stage, not"),
+                             ({"augmentation": "flip"}, "augmentation none or mirror, not flip")]:
         with pytest.raises(transfer.ArchitectureError, match=message):
             transfer.train_and_evaluate(default_params(mode="last_stage", **changes), data, epochs=1, patience=1,
                                         seed=0, recipes={}, options={"workdir": str(workdir)})
