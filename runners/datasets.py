@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from runners import progress
 
 VAL_FRACTION = 0.1   # of the training part, for every dataset
 TEST_FRACTION = 0.2  # of all images, where no official test split exists
@@ -192,7 +191,7 @@ def cached_images(listing, image_size: int, crop: bool, workdir: Path):
     order = split_order(listing)
     boxes = listing.boxes if crop else None
     images, kept, bad = photos.load_images(listing.root, [listing.paths[i] for i in order], image_size, boxes=boxes,
-                                           progress=progress.shown())  # minutes for a large folder
+                                           progress=True)  # minutes for a large folder: a line a minute in a log
     kept = order[kept]
     folder.mkdir(parents=True, exist_ok=True)
     np.save(folder / "images.npy", images)

@@ -28,7 +28,7 @@ from runners.backbones import Backbone, Weights, build_backbone, imagenet_classi
 from runners.datasets import Dataset
 from runners.device import float32_models
 from runners.pipeline import evaluation_batches, one_hot
-from runners.progress import live_bar
+from runners.progress import long_work_bar
 from runners.train import TrialResult, fit_callbacks, make_loss, make_optimizer, result_of
 
 
@@ -47,7 +47,7 @@ def embedder(backbone_model: keras.Model, backbone: Backbone, image_size: int, b
         labels = np.zeros(len(images), dtype=np.int32)
         batches = evaluation_batches(images, labels, 1, batch_size, image_size).map(lambda x, y: x)
         averages, maxima = [], []
-        with live_bar(len(images), f"embedding with {backbone.name}", "img") as bar:  # minutes on a CPU
+        with long_work_bar(len(images), f"embedding with {backbone.name}", "img") as bar:  # minutes on a CPU
             for x in batches:
                 average, maximum = pooled.predict_on_batch(x)
                 averages.append(average)

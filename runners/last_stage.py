@@ -33,7 +33,7 @@ from runners.datasets import Dataset
 from runners.feature_heads import (build_model, compile_model, regularize_toward_start, test_metrics,
                                    train_on_cached_features)
 from runners.pipeline import evaluation_batches, one_hot
-from runners.progress import live_bar
+from runners.progress import long_work_bar
 from runners.protocol import ArchitectureError
 from runners.train import TrialResult, fit_callbacks, result_of
 
@@ -52,7 +52,7 @@ def activation_embedder(prefix: keras.Model, image_size: int, batch_size: int = 
         batches = evaluation_batches(images, np.zeros(len(images), dtype=np.int32), 1, batch_size,
                                      image_size).map(lambda x, y: x)
         parts = []
-        with live_bar(len(images), f"activations of {prefix.name}", "img") as bar:
+        with long_work_bar(len(images), f"activations of {prefix.name}", "img") as bar:
             for x in batches:
                 parts.append(np.asarray(prefix.predict_on_batch(x), dtype=np.float16))
                 bar.update(len(parts[-1]))

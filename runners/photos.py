@@ -20,7 +20,6 @@ import io
 import math
 import os
 import re
-import sys
 import shutil
 import tarfile
 import tempfile
@@ -37,6 +36,8 @@ import numpy as np
 import scipy.io
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
+
+from runners.progress import long_work_bar
 
 STANFORD_DOGS_URL = "http://vision.stanford.edu/aditya86/ImageNetDogs/"
 
@@ -608,9 +609,9 @@ def load_images(
     # Threads suffice: Pillow releases the GIL while decoding and resizing.
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         done = pool.map(decode_one, range(len(paths)))
-        for _ in tqdm(done, total=len(paths), desc="decoding", unit="img", disable=not progress, leave=False,
-                      mininterval=1.0, file=sys.stderr):
-            pass
+        with long_work_bar(len(paths), "decoding", "img", enabled=progress) as bar:
+            for _ in done:
+                bar.update()
 
     kept = np.array([i for i, r in enumerate(reasons) if r is None], dtype=np.int64)
     bad = [(paths[i], r) for i, r in enumerate(reasons) if r is not None]

@@ -336,6 +336,13 @@ def test_epochs_and_embedding_show_a_live_line_with_count_and_rate(monkeypatch, 
     assert "embedding with efficientnet_lite0" in err and "/40 [" in err and "img/s" in err
     monkeypatch.setenv("SEARCH_PROGRESS", "0")
     assert not progress.shown()
+    embed(np.zeros((40, 32, 32, 3), "uint8"))  # a few photos in a log: nothing
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(progress, "LOG_MIN_ITEMS", 20)  # as many as minutes of work, in a log: plain lines
+    monkeypatch.setattr(progress, "LOG_EVERY", 0.0)
+    embed(np.zeros((40, 32, 32, 3), "uint8"))
+    err = capsys.readouterr().err
+    assert "\r" not in err and "embedding with efficientnet_lite0" in err and "40/40 [" in err and "img/s" in err
 
 
 def test_a_failed_trial_is_one_line_and_a_surplus_trial_says_nothing():
