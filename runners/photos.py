@@ -37,8 +37,6 @@ import scipy.io
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from runners.progress import long_work_bar
-
 STANFORD_DOGS_URL = "http://vision.stanford.edu/aditya86/ImageNetDogs/"
 
 # Stanford publishes no checksums. These sizes and SHA-256 digests are the ones TensorFlow Datasets
@@ -609,6 +607,8 @@ def load_images(
     # Threads suffice: Pillow releases the GIL while decoding and resizing.
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         done = pool.map(decode_one, range(len(paths)))
+        from runners.progress import long_work_bar  # here: the registered model ships this module alone
+
         with long_work_bar(len(paths), "decoding", "img", enabled=progress) as bar:
             for _ in done:
                 bar.update()

@@ -61,7 +61,7 @@ def main(argv: list[str]) -> int:
         rows.append({"allocator": f"{name} (TF_CPU_ALLOCATOR_USE_BFC={value})",
                      **json.loads(done.stdout.strip().splitlines()[-1])})
     print(f"\n{args.backbone} at {args.image_size} px, {args.images} random photos per row, float32, batch 64")
-    print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".1f"))
+    print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=("", ".1f", ".2f", ".2f", ".2f", ".0f")))
     return 0
 
 
