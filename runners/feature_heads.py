@@ -58,11 +58,15 @@ def embedder(backbone_model: keras.Model, backbone: Backbone, image_size: int, b
     return embed
 
 
-def feature_set(data: Dataset, backbone: Backbone, weights: Weights, workdir) -> tuple[features.FeatureSet, keras.Model]:
-    """The cached features of data for this backbone and weights (built on first use), and the backbone (float32:
-    frozen, it only runs forward, which is faster in float32 on a CPU)."""
+def frozen_backbone(backbone: Backbone, image_size: int, weights: Weights) -> keras.Model:
+    """The backbone for embedding: float32 on a CPU (frozen, it only runs forward, which is faster in float32)."""
     with float32_models():
-        backbone_model = build_backbone(backbone, data.image_size, weights)
+        return build_backbone(backbone, image_size, weights)
+
+
+def feature_set(data: Dataset, backbone: Backbone, weights: Weights, workdir) -> tuple[features.FeatureSet, keras.Model]:
+    """The cached features of data for this backbone and weights (built on first use), and the frozen backbone."""
+    backbone_model = frozen_backbone(backbone, data.image_size, weights)
     key = features.cache_key(backbone.name, weights.sha256, data.image_size, data)
     found = features.cached_features(workdir, key, data, embedder(backbone_model, backbone, data.image_size))
     return found, backbone_model

@@ -96,7 +96,7 @@ def load_verified(folder: Path, labels: dict[str, np.ndarray]):
     manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():
         if folder.exists():
-            log.warning(f"feature cache {folder.name}: no manifest (an interrupted build); rebuilding")
+            log.warning(f"{folder.parent.name} cache {folder.name}: no manifest (an interrupted build); rebuilding")
         return None
     try:
         manifest = json.loads(manifest_path.read_text())
@@ -105,12 +105,12 @@ def load_verified(folder: Path, labels: dict[str, np.ndarray]):
             path = folder / name
             problem = file_problem(path, entry, len(labels[entry["split"]]))
             if problem:
-                log.warning(f"feature cache {folder.name}: {name} {problem}; rebuilding")
+                log.warning(f"{folder.parent.name} cache {folder.name}: {name} {problem}; rebuilding")
                 return None
             arrays[(entry["split"], entry["kind"], entry["view"])] = np.load(path, mmap_mode="r")
         return arrays, manifest
     except (OSError, ValueError, KeyError) as err:
-        log.warning(f"feature cache {folder.name}: unreadable ({type(err).__name__}: {err}); rebuilding")
+        log.warning(f"{folder.parent.name} cache {folder.name}: unreadable ({type(err).__name__}: {err}); rebuilding")
         return None
 
 

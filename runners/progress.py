@@ -48,8 +48,9 @@ class _Lines:
 def long_work_bar(total: int | None, desc: str, unit: str, enabled: bool = True) -> tqdm:
     """live_bar where bars are shown; elsewhere, for LOG_MIN_ITEMS or more, a plain line (count, rate, time left)
     at the start, every LOG_EVERY seconds and at the end: work of minutes that has no epoch lines of its own."""
-    if shown() or not enabled or (total or 0) < LOG_MIN_ITEMS:
-        return tqdm(total=total, desc=desc, unit=unit, leave=False, mininterval=1.0, dynamic_ncols=True,
-                    file=sys.stderr, disable=not (enabled and shown()))
+    if not enabled:
+        return tqdm(total=total, disable=True)
+    if shown() or (total or 0) < LOG_MIN_ITEMS:
+        return live_bar(total, desc, unit)
     return tqdm(total=total, desc=desc, unit=unit, leave=True, mininterval=LOG_EVERY, maxinterval=LOG_EVERY,
                 ncols=100, ascii=True, file=_Lines(sys.stderr))  # leave: the last line says the total time and rate

@@ -45,10 +45,9 @@ from runners.backbones import (BACKBONES, MOBILENET_ROWS, Backbone, Weights, bac
                                build_backbone, check_size, imagenet_classifier, keras_models_dir, members, preprocessing,
                                resolve_weights, weights_file_name, weights_sha256)
 from runners.datasets import Dataset
-from runners.device import float32_models
 # the cached-feature head's parts, re-exported for the same reason
 from runners.feature_heads import (build_head, build_model, compile_model, embedder, ensemble_model,  # noqa: F401
-                                   feature_set, init_from_imagenet, regularize_toward_start,
+                                   feature_set, frozen_backbone, init_from_imagenet, regularize_toward_start,
                                    train_on_cached_features)
 from runners.last_stage import activations_cached, train_last_stage
 from runners.pipeline import evaluation_batches, training_batches
@@ -227,17 +226,16 @@ def check_time_left(data: Dataset, backbone: Backbone, weights: Weights, workdir
     if not rate:
         from runners.speed import embedding_speed
 
-        with float32_models():  # as the feature cache embeds
-            model = build_backbone(backbone, data.image_size, weights)
-        rate = embedding_speed(model, data.image_size)["images_per_second"]
-    sizes, once = data.sizes(), 0.0
-    epoch = (STEP_COST[mode] * sizes["train"] + sizes["val"]) / rate
-    what = f"{epochs} epoch{'s' * (epochs > 1)} through {backbone.name}"
+        rate = embedding_speed(frozen_backbone(backbone, data.image_size, weights), data.image_size)["images_per_second"]
+    sizes, once, plural = data.sizes(), 0.0, "s" * (epochs > 1)
     if mode == "last_stage":  # photos and mirror images, on the activations (built first when not cached)
         epoch = STEP_COST[mode] * (len(features.VIEWS) * sizes["train"] + sizes["val"]) / rate
-        what = f"{epochs} epoch{'s' * (epochs > 1)} of {backbone.name}'s last stage"
+        what = f"{epochs} epoch{plural} of {backbone.name}'s last stage"
         if not activations_cached(data, backbone, weights, workdir):
             once, what = len(features.VIEWS) * sum(sizes.values()) / rate, what + " and its activations' build"
+    else:
+        epoch = (STEP_COST[mode] * sizes["train"] + sizes["val"]) / rate
+        what = f"{epochs} epoch{plural} through {backbone.name}"
     left = budget_end - time.time()
     if epochs * epoch + once > TIME_LEFT_SHARE * left:
         raise ArchitectureError(f"{what} take ~{epochs * epoch + once:.0f} s here (it embeds {rate:.0f} images/s), "
@@ -300,9 +298,7 @@ def measure_speed(params: dict, data: Dataset, *, options: dict | None = None) -
     rates = []
     for backbone in members(params["backbone"]):  # several backbones embed one after the other
         weights = resolve_weights(backbone, data.image_size, (options or {}).get("weights"))
-        with float32_models():  # as the feature cache embeds
-            model = build_backbone(backbone, data.image_size, weights)
-        rates.append(embedding_speed(model, data.image_size))
+        rates.append(embedding_speed(frozen_backbone(backbone, data.image_size, weights), data.image_size))
     seconds = sum(1 / r["images_per_second"] for r in rates)
     return {"images_per_second": 1 / seconds, "mflops_per_image": sum(r["mflops_per_image"] for r in rates),
             "train_gflops": sum(r["mflops_per_image"] for r in rates) / seconds / 1000,

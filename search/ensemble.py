@@ -40,8 +40,7 @@ class Ensemble:
     @property
     def weights(self) -> dict[int, float]:
         """Trial number -> share of the average (sums to 1)."""
-        picked = sum(self.counts.values())
-        return {n: c / picked for n, c in self.counts.items()}
+        return shares(self.counts)
 
     @property
     def beats_best_single(self) -> bool:
@@ -79,11 +78,17 @@ def greedy_selection(val: dict, labels: np.ndarray, rounds: int = ENSEMBLE_ROUND
     return best_counts
 
 
+def shares(counts: dict) -> dict:
+    """Times picked -> share of the average (sums to 1)."""
+    picked = sum(counts.values())
+    return {n: c / picked for n, c in counts.items()}
+
+
 def combine(val: dict, test: dict, y_val: np.ndarray, y_test: np.ndarray) -> Ensemble:
     """The greedy ensemble of candidates' validation answers (`val`, key -> probabilities), scored on `test`."""
     val = {n: v.astype(np.float64) for n, v in val.items()}
     counts = greedy_selection(val, y_val)
-    weights = {n: c / sum(counts.values()) for n, c in counts.items()}
+    weights = shares(counts)
     singles = {n: accuracy(v, y_val) for n, v in val.items()}
     best_single = max(sorted(singles.items()), key=lambda ns: ns[1])
     answers = sum(w * test[n].astype(np.float64) for n, w in weights.items())

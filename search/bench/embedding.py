@@ -69,13 +69,11 @@ def embed_once(args: argparse.Namespace) -> dict:
     """One row, in this process: build as the feature cache does, trace one batch, time the rest."""
     import numpy as np
 
-    from runners.backbones import backbone_named, build_backbone, resolve_weights
-    from runners.device import float32_models
-    from runners.feature_heads import embedder
+    from runners.backbones import backbone_named, resolve_weights
+    from runners.feature_heads import embedder, frozen_backbone
 
     backbone = backbone_named(args.backbone)
-    with float32_models():
-        model = build_backbone(backbone, args.image_size, resolve_weights(backbone, args.image_size, args.weights))
+    model = frozen_backbone(backbone, args.image_size, resolve_weights(backbone, args.image_size, args.weights))
     embed = embedder(model, backbone, args.image_size)
     images = np.random.default_rng(0).integers(0, 256, (args.images, args.image_size, args.image_size, 3),
                                                dtype=np.uint8)
