@@ -8,6 +8,7 @@ through these calls and nothing else, so any driver works with any runner:
     result = runner.train_and_evaluate(params, data, epochs=..., patience=..., seed=..., recipes=...,
                                        callbacks=[...], options={...}, checkpoint=folder)
     runner.release(result)                                                        # after each trial
+    runner.forward_mflops(params, data, options={...})  # optional: a configuration's cost (fidelity.resource: cost)
     runner.ensemble_model(members, image_size)   # optional: several trials as one model (None: sum whole models)
 
 `runners/` knows nothing of `search/`: it takes plain values and raises RunnerConfigError (bad input found

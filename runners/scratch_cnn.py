@@ -143,6 +143,12 @@ def narrow_choices(choices: dict[str, list], defaults: dict, *, backbone: str | 
     return {}
 
 
+def forward_mflops(params: dict, data, *, options: dict | None = None) -> float:
+    """MFLOP of one image's forward pass through this configuration's model (built, not trained)."""
+    model = build_model(params, data.image_size, len(data.class_names), (options or {}).get("architectures"))
+    return train.forward_flops(model) / 1e6
+
+
 def measure_speed(params: dict, data, *, options: dict | None = None) -> dict:
     """A few timed training steps of this configuration at its batch size (runners.speed)."""
     from runners.speed import training_speed

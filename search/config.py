@@ -156,6 +156,10 @@ MEDIAN_STARTUP_TRIALS = 3  # the median pruner prunes nothing until this many tr
 MEDIAN_WARMUP_EPOCHS = 1   # ... nor before a trial's second epoch (epochs)
 HYPERBAND_FACTOR = 3       # Hyperband's reduction factor when the space's `fidelity` does not give one: a third of
                            # the trials go on at each rung (Optuna's and Keras Tuner's default)
+COST_STEPS_PER_EPOCH = 10  # `fidelity.resource: cost` (search/fidelity.py): a pruning step is a tenth of one epoch of
+                           # the default's work (images x forward MFLOP), fine enough to price a model 10x cheaper
+COST_MAX_EPOCHS_FACTOR = 4  # ... and a cheap model trains at most 4x the space's epochs per trial: each epoch also
+                            # pays a validation pass and Keras's per-epoch overhead, which the work count leaves out
 HEARTBEAT_SECONDS = 30     # server databases: a worker beats this often; three missed beats declare its trial dead
                            # and Optuna retries it (SEARCH_HEARTBEAT_SECONDS overrides it, tests shorten it)
 HEARTBEAT_RETRIES = 2      # how often a dead worker's trial is retried

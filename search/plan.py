@@ -57,6 +57,18 @@ def measure(setup: RunSetup, params: dict) -> tuple[dict, dict]:
     return setup.runner.measure_speed(params, data, options=runner_options(setup)), data.sizes()
 
 
+def forward_mflops(setup: RunSetup, params: dict) -> float | None:
+    """A configuration's forward MFLOP per image, from the runner that builds it (`fidelity.resource: cost`);
+    None when it cannot be built: the trial is then rejected the usual way, when it trains."""
+    from runners.protocol import ArchitectureError
+
+    data = dataset_at(setup, params.get("image_size", 32))
+    try:
+        return setup.runner.forward_mflops(params, data, options=runner_options(setup))
+    except ArchitectureError:
+        return None
+
+
 def epoch_seconds(sizes: dict, images_per_second: float) -> float:
     """One epoch on every training image, validation included, REFIT_EPOCH_MARGIN slower than measured."""
     return (sizes["train"] + VALIDATION_COST * sizes["val"]) / images_per_second * REFIT_EPOCH_MARGIN

@@ -108,8 +108,10 @@ def refit_best(setup, parent: str, objective, remaining: float, elapsed: float =
     if refit_plan(best, remaining) is None:
         log.info(f"refit: skipped, trial {best.number} recorded no epoch timings")
         return
-    if (best.user_attrs.get("train_images") or 0) < (best.user_attrs.get("full_train_images") or 0):
-        # explored on part of the images: its epochs say little of a full one, a few timed steps say more
+    if ((best.user_attrs.get("train_images") or 0) < (best.user_attrs.get("full_train_images") or 0)
+            or best.user_attrs.get("cheaper_fidelity")):
+        # explored on part of the images (or smaller ones, or a narrower model): its epochs say little of a full
+        # one, a few timed steps say more
         best = copy.deepcopy(best)  # a finished trial is read-only in the study: the plan lives on this copy
         best.user_attrs["refit_epoch_seconds"] = measured_epoch_seconds(
             setup, spaces.complete_params(setup.space, best.params))

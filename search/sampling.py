@@ -16,6 +16,7 @@ from search import space as spaces
 from search.config import (HYPERBAND_FACTOR, MEDIAN_STARTUP_TRIALS, MEDIAN_WARMUP_EPOCHS, NEAR_DEFAULT_CHANGES,
                            NEAR_DEFAULT_SPREAD, OBJECTIVES, REFIT_AUTO, REFIT_MAX, TPE_STARTUP, SearchConfig)
 from search.errors import ConfigError
+from search.fidelity import rung_range
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts toward --trials
 
@@ -84,16 +85,17 @@ def sampler_seed(seed: int, trials_so_far: int, shared: bool) -> int:
     return int(np.random.SeedSequence(parts).generate_state(1)[0])
 
 
-def make_pruner(name: str, epochs: int, min_epochs: int = 1,
-                factor: int = HYPERBAND_FACTOR) -> optuna.pruners.BasePruner:
-    """median | hyperband | sha | none, over epochs as the resource (the space's `fidelity`)."""
+def make_pruner(name: str, epochs: int, min_epochs: int = 1, factor: int = HYPERBAND_FACTOR,
+                resource: str = "epochs") -> optuna.pruners.BasePruner:
+    """median | hyperband | sha | none, over the space's `fidelity.resource` (epochs, or work: search/fidelity.py)."""
+    low, high = rung_range(resource, epochs, min_epochs)
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=MEDIAN_STARTUP_TRIALS, n_warmup_steps=MEDIAN_WARMUP_EPOCHS)
+        warmup = rung_range(resource, MEDIAN_WARMUP_EPOCHS, MEDIAN_WARMUP_EPOCHS)[0]
+        return optuna.pruners.MedianPruner(n_startup_trials=MEDIAN_STARTUP_TRIALS, n_warmup_steps=warmup)
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=min_epochs, max_resource=max(epochs, min_epochs),
-                                              reduction_factor=factor)
+        return optuna.pruners.HyperbandPruner(min_resource=low, max_resource=high, reduction_factor=factor)
     if name == "sha":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=min_epochs, reduction_factor=factor)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=low, reduction_factor=factor)
     if name == "none":
         return optuna.pruners.NopPruner()
     raise ConfigError(f"unknown pruner '{name}'; available: auto, median, hyperband, sha, none")

@@ -141,6 +141,9 @@ def _prepare_run(config: SearchConfig, study_suffix: str, check) -> RunSetup:
         check(space, budget)
     apply_environment(space.environment)  # before the runner's import starts TensorFlow
     runner = runner_named(space.model)
+    if space.fidelity.get("resource") == "cost" and not hasattr(runner, "forward_mflops"):
+        raise ConfigError(f"{space.source}: fidelity.resource: cost needs a runner that prices a configuration "
+                          f"(forward_mflops); runners/{space.model}.py has none: use resource: epochs")
     narrow(space, runner, config)
     study_name = config.study_name or f"{space.name}-{dataset.split(':')[0]}{study_suffix}"
     cache = {}

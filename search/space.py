@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from search.errors import ConfigError
+from search.fidelity import RESOURCES
 
 TOP_KEYS = {"name", "description", "model", "dataset", "budget", "params", "datasets", "recipes", "fidelity",
             "architectures", "baselines", "start", "environment"}
@@ -201,15 +202,21 @@ def check_space(raw: dict, path: Path) -> None:
 
 
 def check_fidelity(fidelity: dict, where: str) -> None:
-    """The resource trials are pruned on (epochs), the fewest epochs a trial runs, Hyperband's reduction factor, and
-    the share of the training images an explored trial trains on per epoch (`train_subset`)."""
-    unknown(fidelity, {"resource", "min_epochs", "reduction_factor", "train_subset"}, where)
+    """The resource trials are pruned on (epochs or cost), the fewest epochs a trial runs, Hyperband's reduction
+    factor, and the shares of the training images, image side and width an explored trial trains at."""
+    unknown(fidelity, {"resource", "min_epochs", "reduction_factor", "train_subset", "image_size", "width"}, where)
+    for key in ("image_size", "width"):  # exploration's share of the side and of the filters (search/fidelity.py)
+        share = fidelity.get(key, 1.0)
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+            raise SpaceError(f"{where}.{key}: the share explored trials train at, in (0, 1] (the refit trains at "
+                             f"the full {key.replace('_', ' ')}), got {share!r}")
     subset = fidelity.get("train_subset", 1.0)
     if subset != "auto" and (isinstance(subset, bool) or not isinstance(subset, (int, float)) or not 0 < subset <= 1):
         raise SpaceError(f"{where}.train_subset: auto (planned from the machine's measured speed) or a fraction of "
                          f"the training images in (0, 1], got {subset!r}")
-    if fidelity.get("resource", "epochs") != "epochs":
-        raise SpaceError(f"{where}.resource: only epochs is supported, got {fidelity['resource']!r}")
+    if fidelity.get("resource", "epochs") not in RESOURCES:
+        raise SpaceError(f"{where}.resource: epochs or cost (training images x MFLOP, search/fidelity.py), "
+                         f"got {fidelity['resource']!r}")
     for key, least in (("min_epochs", 1), ("reduction_factor", 2)):
         value = fidelity.get(key, least)
         if isinstance(value, bool) or not isinstance(value, int) or value < least:

@@ -54,6 +54,8 @@ class TrialPlan:
                                                    # Hyperband trial): its epochs are logged after them
     train_fraction: float | None = None            # share of the training images per epoch (an explored trial's
                                                    # cheaper fidelity, search/plan.py); None = all
+    epoch_work: float = 1.0                        # one epoch's work against one of the default's (a trial's
+                                                   # forward MFLOP over the default's, fidelity.resource: cost)
 
 
 class EpochLog:
@@ -123,7 +125,7 @@ def train_and_record(setup: RunSetup, plan: TrialPlan, run_id: str, logger: Epoc
         history = plan.progress.val_history
         tracking.log_metrics(client, run_id, {"best_val_accuracy": max(history, default=None),
                                               "epochs_run": len(history),
-                                              "budget_fraction": len(history) / max(setup.epochs, 1)})
+                                              "budget_fraction": len(history) * plan.epoch_work / max(setup.epochs, 1)})
         end(client, run_id, on_end, "PRUNED", f"pruned after epoch {len(history)}")
         log.info(f"trial {plan.number}: pruned after epoch {len(history)}")
         raise
@@ -165,8 +167,9 @@ def record_completed(setup: RunSetup, plan: TrialPlan, run_id: str, result, tria
     """Log a completed trial's summary, keep its model if among the best K, log its test evaluation and close
     its run in the background (the confusion matrix takes ~0.4 s, drawn while the next trial starts)."""
     metrics = {**trial_metrics(result, trial_seconds, logging_seconds), **sizes,
-               # of the full fidelity (max epochs, all images); a refit's second round counts the first round's too
-               "budget_fraction": (result.epochs_run + plan.epochs_before) / max(setup.epochs, 1)
+               # of the full fidelity (max epochs of the default's work, all images); a refit's second round counts
+               # the first round's too
+               "budget_fraction": (result.epochs_run + plan.epochs_before) * plan.epoch_work / max(setup.epochs, 1)
                * sizes["train_images"] / max(sizes["full_train_images"], 1)}  # an explored trial's images too
     tracking.log_metrics(setup.client, run_id, metrics)
     if result.tags:

@@ -64,6 +64,9 @@ def prepare(run: RunSetup) -> TunerSetup:
 
 def check_translation(space: spaces.Space) -> None:
     """Declare the space on a fresh HyperParameters: what Keras Tuner cannot express is a SpaceError now."""
+    if space.fidelity.get("resource") == "cost":
+        raise spaces.SpaceError(f"{space.source}: Keras Tuner's Hyperband counts epochs, not work "
+                                "(fidelity.resource: cost); use --driver optuna, or resource: epochs in a copy")
     try:
         spaces.declare_hyperparameters(kt.HyperParameters(), space)
     except (TypeError, ValueError) as err:

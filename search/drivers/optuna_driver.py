@@ -24,11 +24,12 @@ from search import tracking
 from search.config import (HYPERBAND_FACTOR, OBJECTIVES, REFIT_MIN_EPOCHS, TARGET_WAIT_SECONDS, WARM_START_TRIALS,
                            SearchConfig)
 from search.errors import ConfigError, SearchAborted, SurplusTrial
+from search.fidelity import TrialFidelity, explored_params, pruning_callback, trial_fidelity
 from search.finish import BestTrial, SearchSummary, closed_invocation, finish_invocation
 from search.recovery import (DiscardCheckpoint, checkpoint_dir, close_retried_run, died_here, recover_stale_trials,
                              retried_trial, take_over_checkpoint, write_trial_file)
 from search.plan import (Speed, derived_max_mflops, epochs_for, exploration_fraction, exploration_pays,
-                         measure_machine, metrics_of)
+                         forward_mflops, measure_machine, metrics_of)
 from search.refit import refit_best, refit_default
 from search.sampling import (COUNTED, best_value, constraint_values, count, feasible, make_pruner, make_sampler,
                              near_default, parse_objectives, pruner_name, refit_fraction, sampler_seed,
@@ -50,6 +51,7 @@ class Setup(RunSetup):
     refit: float = 0.0  # fraction of the timeout kept for the refit phase
     speed: Speed | None = None  # what this machine does with the default (time-budgeted runs, search/plan.py)
     explore_fraction: float | None = None  # share of the training images an explored trial trains on (plan.py)
+    default_mflops: float | None = None  # the default's forward cost, the unit of `fidelity.resource: cost`
 
 
 def prepare(config: SearchConfig) -> Setup:
@@ -81,7 +83,7 @@ def _open_study(config: SearchConfig, run: RunSetup) -> Setup:
     seed = sampler_seed(config.seed, trials_in(storage, run.study_name), shared)
     fidelity = run.space.fidelity
     pruner = make_pruner(pruner_name(config, run.timeout, objectives), run.epochs, fidelity.get("min_epochs", 1),
-                         fidelity.get("reduction_factor", HYPERBAND_FACTOR))
+                         fidelity.get("reduction_factor", HYPERBAND_FACTOR), fidelity.get("resource", "epochs"))
     study = optuna.create_study(study_name=run.study_name, storage=storage, load_if_exists=True,
                                 directions=[OBJECTIVES[name][0] for name in objectives],
                                 sampler=make_sampler(config.sampler, seed, run.space, run.target), pruner=pruner)
@@ -261,6 +263,12 @@ def optimize(setup: Setup, parent: str, environment: dict, summary: SearchSummar
         share = f", so that more of them fit in its {explore:.0f} s" if explore else ""
         log.info(f"exploration: explored trials train on {setup.explore_fraction:.0%} of the training images per "
                  f"epoch (the space's fidelity.train_subset){share}; a refit trains on all of them")
+    cheaper = [f"{share:.0%} of the {key.replace('_', ' ')}" for key, share in setup.space.fidelity.items()
+               if key in ("image_size", "width") and share < 1]
+    if cheaper:
+        log.info(f"exploration: explored trials train at {' and '.join(cheaper)}; the refit at full size and width"
+                 if setup.refit else f"fidelity.image_size and width apply to a run that refits (a time budget): "
+                 "every trial of this one trains at full size and width")
     if explore != 0.0:
         study.optimize(objective, n_trials=None, timeout=explore, callbacks=callbacks,
                        catch=(Exception,))  # the runner's release collects garbage once per trial
@@ -293,8 +301,6 @@ def optimize(setup: Setup, parent: str, environment: dict, summary: SearchSummar
 
 def make_objective(setup: Setup, parent: str, environment: dict, summary: SearchSummary):
     """The function Optuna calls per trial: plan it from Optuna's suggestion, then the shared trial lifecycle."""
-    from optuna_integration import KerasPruningCallback
-
     from runners.callbacks import Progress, checkpoint_state
 
     study, client, space = setup.study, setup.client, setup.space
@@ -312,7 +318,14 @@ def make_objective(setup: Setup, parent: str, environment: dict, summary: Search
         resumed = take_over_checkpoint(setup, trial, retry_of)
         if retry_of is not None and resumed is None:
             close_retried_run(client, trial)
-        params = spaces.suggest_params(trial, space)
+        suggested = spaces.suggest_params(trial, space)
+        # an explored trial of a run that refits may train at a cheaper image size and width; the refit trains
+        # the configuration as suggested
+        params = explored_params(suggested, space.fidelity) if refit_of is None and setup.refit else suggested
+        if params != suggested:
+            trial.set_user_attr("cheaper_fidelity", True)  # its epoch timings say little of the refit's
+        fidelity = explored_fidelity(setup, params, epochs) if refit_of is None else TrialFidelity(epochs)
+        epochs = fidelity.epochs
         seed = resumed["seed"] if resumed else setup.config.seed * 1000 + trial.number
         for key, value in {"host": socket.gethostname(), "pid": os.getpid(), "seed": seed}.items():
             trial.set_user_attr(key, value)
@@ -328,13 +341,13 @@ def make_objective(setup: Setup, parent: str, environment: dict, summary: Search
             progress=Progress(trial.number, count(study) + 1, setup.target, epochs, best_value(study),
                               where=f"refit round {trial.user_attrs.get('refit_round', 1)}" if refit_of is not None
                               else None),
-            callbacks=[KerasPruningCallback(trial, "val_accuracy")] if prunable else [],
+            callbacks=[pruning_callback(trial, fidelity)] if prunable else [],
             checkpoint=folder, resumed=bool(resumed),
             # a refit round resumed in a later run keeps no deadline: its budget was the earlier run's
             deadline=trial.user_attrs.get("deadline") if not resumed else None,
             initial_weights=start_weights(setup, trial.number, trial.user_attrs.get("continues")),
             epochs_before=trial.user_attrs.get("epochs_before", 0),
-            train_fraction=setup.explore_fraction if refit_of is None else None)
+            train_fraction=setup.explore_fraction if refit_of is None else None, epoch_work=fidelity.epoch_work)
         if resumed:
             run_id = resumed["mlflow_run_id"]
             trial.set_user_attr("resumes", resumed["trial"])
@@ -351,9 +364,9 @@ def make_objective(setup: Setup, parent: str, environment: dict, summary: Search
             tracking.log_missing_epochs(client, run_id, epochs_done)
         restored = epochs_done.get("val_accuracy", [])
         reported = study._storage.get_trial(trial._trial_id).intermediate_values
-        for step, value in enumerate(restored if len(study.directions) == 1 else []):  # multi-objective: no reports
-            if step not in reported:  # a heartbeat retry may have inherited them
-                trial.report(value, step)  # the restored epochs, so the pruner sees the whole curve
+        for epoch, value in enumerate(restored if len(study.directions) == 1 else []):  # multi-objective: no reports
+            if fidelity.step(epoch) not in reported:  # a heartbeat retry may have inherited them
+                trial.report(value, fidelity.step(epoch))  # the restored epochs, so the pruner sees the whole curve
         plan.progress.val_history = list(restored)
 
         def on_end(state: str, reason: str) -> None:
@@ -370,6 +383,24 @@ def make_objective(setup: Setup, parent: str, environment: dict, summary: Search
         return values[0] if len(values) == 1 else values
 
     return objective
+
+
+def explored_fidelity(setup: Setup, params: dict, epochs: int) -> TrialFidelity:
+    """An explored trial's epochs and pruning steps: with `fidelity.resource: cost`, the work of `epochs` epochs of
+    the space's default (search/fidelity.py), priced from both models' forward MFLOP per image."""
+    resource = setup.space.fidelity.get("resource", "epochs")
+    if resource != "cost":
+        return TrialFidelity(epochs)
+    if setup.default_mflops is None:  # the default at the same fidelity as the trial
+        default = spaces.default_params(setup.space)
+        setup.default_mflops = forward_mflops(setup, explored_params(default, setup.space.fidelity)
+                                              if setup.refit else default)
+    mflops = forward_mflops(setup, params)
+    fidelity = trial_fidelity(resource, epochs, mflops, setup.default_mflops)
+    if fidelity.steps_per_epoch:
+        log.info(f"{mflops:,.0f} MFLOP per image, {mflops / setup.default_mflops:.2f}x the default's: "
+                 f"{fidelity.epochs} epochs for the work of the default's {epochs}")
+    return fidelity
 
 
 def trial_tags(setup: Setup, trial: optuna.Trial, environment: dict, retry_of, refit_of) -> dict:
