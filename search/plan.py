@@ -5,6 +5,7 @@ training steps of the space's default configuration in the precision the run use
 the parent run records them. `exploration_pays` asks whether one trial of the default at the first rung of
 the fidelity (`min_epochs`) fits in exploration's share of the budget; when it does not, exploring would
 spend the budget on one truncated trial, so the run says so and trains the default for the whole budget.
+`explored_fidelity` prices each explored trial when the space counts rungs in work (`fidelity.resource: cost`).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 from search import space as spaces
 from search.config import EXPLORED_TRIALS_WANTED, REFIT_EPOCH_MARGIN, REFIT_MIN_EPOCHS, TRAIN_SUBSET_FLOOR
+from search.fidelity import TrialFidelity, explored_params, trial_fidelity
 from search.setup import RunSetup, dataset_at, runner_options
 
 log = logging.getLogger("search")
@@ -132,3 +134,22 @@ def derived_max_mflops(setup: RunSetup, speed: Speed, refit_seconds: float, expl
 def epochs_for(speed: Speed, seconds: float) -> int:
     """Epochs of the default that fill `seconds` (at least one)."""
     return max(1, int((seconds - speed.setup_seconds) // speed.epoch_seconds))
+
+
+def explored_fidelity(setup, params: dict, epochs: int) -> TrialFidelity:
+    """An explored trial's epochs and pruning steps: with `fidelity.resource: cost`, the work of `epochs` epochs of
+    the space's default (search/fidelity.py), priced from both models' forward MFLOP per image. `setup` is the
+    Optuna driver's (it caches the default's price in `default_mflops` and knows whether the run refits)."""
+    resource = setup.space.fidelity.get("resource", "epochs")
+    if resource != "cost":
+        return TrialFidelity(epochs)
+    if setup.default_mflops is None:  # the default at the same fidelity as the trial
+        default = spaces.default_params(setup.space)
+        setup.default_mflops = forward_mflops(setup, explored_params(default, setup.space.fidelity)
+                                              if setup.refit else default)
+    mflops = forward_mflops(setup, params)
+    fidelity = trial_fidelity(resource, epochs, mflops, setup.default_mflops)
+    if fidelity.steps_per_epoch:
+        log.info(f"{mflops:,.0f} MFLOP per image, {mflops / setup.default_mflops:.2f}x the default's: "
+                 f"{fidelity.epochs} epochs for the work of the default's {epochs}")
+    return fidelity

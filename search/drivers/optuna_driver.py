@@ -24,12 +24,12 @@ from search import tracking
 from search.config import (HYPERBAND_FACTOR, OBJECTIVES, REFIT_MIN_EPOCHS, TARGET_WAIT_SECONDS, WARM_START_TRIALS,
                            SearchConfig)
 from search.errors import ConfigError, SearchAborted, SurplusTrial
-from search.fidelity import TrialFidelity, explored_params, pruning_callback, trial_fidelity
+from search.fidelity import TrialFidelity, explored_params, pruning_callback
 from search.finish import BestTrial, SearchSummary, closed_invocation, finish_invocation
 from search.recovery import (DiscardCheckpoint, checkpoint_dir, close_retried_run, died_here, recover_stale_trials,
                              retried_trial, take_over_checkpoint, write_trial_file)
-from search.plan import (Speed, derived_max_mflops, epochs_for, exploration_fraction, exploration_pays,
-                         forward_mflops, measure_machine, metrics_of)
+from search.plan import (Speed, derived_max_mflops, epochs_for, explored_fidelity, exploration_fraction,
+                         exploration_pays, measure_machine, metrics_of)
 from search.refit import refit_best, refit_default
 from search.sampling import (COUNTED, best_value, constraint_values, count, feasible, make_pruner, make_sampler,
                              near_default, parse_objectives, pruner_name, refit_fraction, sampler_seed,
@@ -267,7 +267,7 @@ def optimize(setup: Setup, parent: str, environment: dict, summary: SearchSummar
                if key in ("image_size", "width") and share < 1]
     if cheaper:
         log.info(f"exploration: explored trials train at {' and '.join(cheaper)}; the refit at full size and width"
-                 if setup.refit else f"fidelity.image_size and width apply to a run that refits (a time budget): "
+                 if setup.refit else "fidelity.image_size and width apply to a run that refits (a time budget): "
                  "every trial of this one trains at full size and width")
     if explore != 0.0:
         study.optimize(objective, n_trials=None, timeout=explore, callbacks=callbacks,
@@ -383,24 +383,6 @@ def make_objective(setup: Setup, parent: str, environment: dict, summary: Search
         return values[0] if len(values) == 1 else values
 
     return objective
-
-
-def explored_fidelity(setup: Setup, params: dict, epochs: int) -> TrialFidelity:
-    """An explored trial's epochs and pruning steps: with `fidelity.resource: cost`, the work of `epochs` epochs of
-    the space's default (search/fidelity.py), priced from both models' forward MFLOP per image."""
-    resource = setup.space.fidelity.get("resource", "epochs")
-    if resource != "cost":
-        return TrialFidelity(epochs)
-    if setup.default_mflops is None:  # the default at the same fidelity as the trial
-        default = spaces.default_params(setup.space)
-        setup.default_mflops = forward_mflops(setup, explored_params(default, setup.space.fidelity)
-                                              if setup.refit else default)
-    mflops = forward_mflops(setup, params)
-    fidelity = trial_fidelity(resource, epochs, mflops, setup.default_mflops)
-    if fidelity.steps_per_epoch:
-        log.info(f"{mflops:,.0f} MFLOP per image, {mflops / setup.default_mflops:.2f}x the default's: "
-                 f"{fidelity.epochs} epochs for the work of the default's {epochs}")
-    return fidelity
 
 
 def trial_tags(setup: Setup, trial: optuna.Trial, environment: dict, retry_of, refit_of) -> dict:
