@@ -44,12 +44,14 @@ class TrialFidelity:
         return max(epoch + 1, round((epoch + 1) * self.steps_per_epoch))
 
 
+def steps(resource: str, epochs: int) -> int:
+    """`epochs` (of the default, with resource cost) in the resource's pruning steps."""
+    return epochs * COST_STEPS_PER_EPOCH if resource == "cost" else epochs
+
+
 def rung_range(resource: str, epochs: int, min_epochs: int) -> tuple[int, int]:
     """The pruner's (min_resource, max_resource), in the resource's steps."""
-    low, high = min_epochs, max(epochs, min_epochs)
-    if resource == "cost":
-        return low * COST_STEPS_PER_EPOCH, high * COST_STEPS_PER_EPOCH
-    return low, high
+    return steps(resource, min_epochs), steps(resource, max(epochs, min_epochs))
 
 
 def trial_fidelity(resource: str, epochs: int, mflops: float | None = None,

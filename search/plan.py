@@ -136,6 +136,12 @@ def epochs_for(speed: Speed, seconds: float) -> int:
     return max(1, int((seconds - speed.setup_seconds) // speed.epoch_seconds))
 
 
+def at_exploration_fidelity(setup, params: dict) -> dict:
+    """A configuration as an explored trial trains it: smaller and narrower (`fidelity.image_size`, `width`) in a
+    run that refits, which then trains the configuration as suggested; as suggested in a run without a refit."""
+    return explored_params(params, setup.space.fidelity) if setup.refit else params
+
+
 def explored_fidelity(setup, params: dict, epochs: int) -> TrialFidelity:
     """An explored trial's epochs and pruning steps: with `fidelity.resource: cost`, the work of `epochs` epochs of
     the space's default (search/fidelity.py), priced from both models' forward MFLOP per image. `setup` is the
@@ -144,9 +150,7 @@ def explored_fidelity(setup, params: dict, epochs: int) -> TrialFidelity:
     if resource != "cost":
         return TrialFidelity(epochs)
     if setup.default_mflops is None:  # the default at the same fidelity as the trial
-        default = spaces.default_params(setup.space)
-        setup.default_mflops = forward_mflops(setup, explored_params(default, setup.space.fidelity)
-                                              if setup.refit else default)
+        setup.default_mflops = forward_mflops(setup, at_exploration_fidelity(setup, spaces.default_params(setup.space)))
     mflops = forward_mflops(setup, params)
     fidelity = trial_fidelity(resource, epochs, mflops, setup.default_mflops)
     if fidelity.steps_per_epoch:

@@ -16,7 +16,7 @@ from search import space as spaces
 from search.config import (HYPERBAND_FACTOR, MEDIAN_STARTUP_TRIALS, MEDIAN_WARMUP_EPOCHS, NEAR_DEFAULT_CHANGES,
                            NEAR_DEFAULT_SPREAD, OBJECTIVES, REFIT_AUTO, REFIT_MAX, TPE_STARTUP, SearchConfig)
 from search.errors import ConfigError
-from search.fidelity import rung_range
+from search.fidelity import rung_range, steps
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts toward --trials
 
@@ -90,8 +90,8 @@ def make_pruner(name: str, epochs: int, min_epochs: int = 1, factor: int = HYPER
     """median | hyperband | sha | none, over the space's `fidelity.resource` (epochs, or work: search/fidelity.py)."""
     low, high = rung_range(resource, epochs, min_epochs)
     if name == "median":
-        warmup = rung_range(resource, MEDIAN_WARMUP_EPOCHS, MEDIAN_WARMUP_EPOCHS)[0]
-        return optuna.pruners.MedianPruner(n_startup_trials=MEDIAN_STARTUP_TRIALS, n_warmup_steps=warmup)
+        return optuna.pruners.MedianPruner(n_startup_trials=MEDIAN_STARTUP_TRIALS,
+                                           n_warmup_steps=steps(resource, MEDIAN_WARMUP_EPOCHS))
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=low, max_resource=high, reduction_factor=factor)
     if name == "sha":

@@ -201,17 +201,22 @@ def check_space(raw: dict, path: Path) -> None:
                          "default trial) or near_default (perturbations of the default first)")
 
 
+def is_share(value: Any) -> bool:
+    """A number in (0, 1] (not a boolean): a share of the images, the side or the width."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value <= 1
+
+
 def check_fidelity(fidelity: dict, where: str) -> None:
     """The resource trials are pruned on (epochs or cost), the fewest epochs a trial runs, Hyperband's reduction
     factor, and the shares of the training images, image side and width an explored trial trains at."""
     unknown(fidelity, {"resource", "min_epochs", "reduction_factor", "train_subset", "image_size", "width"}, where)
     for key in ("image_size", "width"):  # exploration's share of the side and of the filters (search/fidelity.py)
         share = fidelity.get(key, 1.0)
-        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+        if not is_share(share):
             raise SpaceError(f"{where}.{key}: the share explored trials train at, in (0, 1] (the refit trains at "
                              f"the full {key.replace('_', ' ')}), got {share!r}")
     subset = fidelity.get("train_subset", 1.0)
-    if subset != "auto" and (isinstance(subset, bool) or not isinstance(subset, (int, float)) or not 0 < subset <= 1):
+    if subset != "auto" and not is_share(subset):
         raise SpaceError(f"{where}.train_subset: auto (planned from the machine's measured speed) or a fraction of "
                          f"the training images in (0, 1], got {subset!r}")
     if fidelity.get("resource", "epochs") not in RESOURCES:

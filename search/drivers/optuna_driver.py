@@ -24,12 +24,12 @@ from search import tracking
 from search.config import (HYPERBAND_FACTOR, OBJECTIVES, REFIT_MIN_EPOCHS, TARGET_WAIT_SECONDS, WARM_START_TRIALS,
                            SearchConfig)
 from search.errors import ConfigError, SearchAborted, SurplusTrial
-from search.fidelity import TrialFidelity, explored_params, pruning_callback
+from search.fidelity import TrialFidelity, pruning_callback
 from search.finish import BestTrial, SearchSummary, closed_invocation, finish_invocation
 from search.recovery import (DiscardCheckpoint, checkpoint_dir, close_retried_run, died_here, recover_stale_trials,
                              retried_trial, take_over_checkpoint, write_trial_file)
-from search.plan import (Speed, derived_max_mflops, epochs_for, explored_fidelity, exploration_fraction,
-                         exploration_pays, measure_machine, metrics_of)
+from search.plan import (Speed, at_exploration_fidelity, derived_max_mflops, epochs_for, explored_fidelity,
+                         exploration_fraction, exploration_pays, measure_machine, metrics_of)
 from search.refit import refit_best, refit_default
 from search.sampling import (COUNTED, best_value, constraint_values, count, feasible, make_pruner, make_sampler,
                              near_default, parse_objectives, pruner_name, refit_fraction, sampler_seed,
@@ -319,9 +319,7 @@ def make_objective(setup: Setup, parent: str, environment: dict, summary: Search
         if retry_of is not None and resumed is None:
             close_retried_run(client, trial)
         suggested = spaces.suggest_params(trial, space)
-        # an explored trial of a run that refits may train at a cheaper image size and width; the refit trains
-        # the configuration as suggested
-        params = explored_params(suggested, space.fidelity) if refit_of is None and setup.refit else suggested
+        params = at_exploration_fidelity(setup, suggested) if refit_of is None else suggested
         if params != suggested:
             trial.set_user_attr("cheaper_fidelity", True)  # its epoch timings say little of the refit's
         fidelity = explored_fidelity(setup, params, epochs) if refit_of is None else TrialFidelity(epochs)
@@ -365,8 +363,9 @@ def make_objective(setup: Setup, parent: str, environment: dict, summary: Search
         restored = epochs_done.get("val_accuracy", [])
         reported = study._storage.get_trial(trial._trial_id).intermediate_values
         for epoch, value in enumerate(restored if len(study.directions) == 1 else []):  # multi-objective: no reports
-            if fidelity.step(epoch) not in reported:  # a heartbeat retry may have inherited them
-                trial.report(value, fidelity.step(epoch))  # the restored epochs, so the pruner sees the whole curve
+            step = fidelity.step(epoch)
+            if step not in reported:  # a heartbeat retry may have inherited them
+                trial.report(value, step)  # the restored epochs, so the pruner sees the whole curve
         plan.progress.val_history = list(restored)
 
         def on_end(state: str, reason: str) -> None:
