@@ -269,6 +269,7 @@ def train_and_evaluate(params: dict, data: Dataset, build_model, *, epochs: int,
     result.resumed_from_epoch = first
     if evaluate_test:
         result.test, result.test_probabilities = evaluate(model, data, params)
+        result.val_probabilities = val_probabilities(model, data, params)
     return result
 
 
@@ -296,7 +297,7 @@ def evaluate(model: keras.Model, data: Dataset, params: dict) -> tuple[dict, np.
     y = data.splits["test"][1]
     n_classes = len(data.class_names)
     started = time.perf_counter()
-    views = test_predictions(model, data, params)
+    views = predictions(model, data, params, "test")
     seconds = (time.perf_counter() - started) / len(views)  # one pass: what the saved model costs per photo
     probabilities = np.mean(views, axis=0)
     top3 = np.argsort(probabilities, axis=1)[:, -3:]
@@ -311,13 +312,19 @@ def evaluate(model: keras.Model, data: Dataset, params: dict) -> tuple[dict, np.
     return metrics, probabilities
 
 
-def test_predictions(model: keras.Model, data: Dataset, params: dict) -> list[np.ndarray]:
-    """Softmax outputs on the test split: of the photos, then, with `test_time_flip`, of their mirror images.
+def val_probabilities(model: keras.Model, data: Dataset, params: dict) -> np.ndarray:
+    """What the model answers on validation, read as the test split is (mirror views averaged): an ensemble
+    candidate's answers (search/ensemble.py chooses members on them)."""
+    return np.mean(predictions(model, data, params, "val"), axis=0)
+
+
+def predictions(model: keras.Model, data: Dataset, params: dict, split: str) -> list[np.ndarray]:
+    """Softmax outputs on a split: of the photos, then, with `test_time_flip`, of their mirror images.
 
     Photos of dogs and of CIFAR-10's objects mean the same mirrored, so the mirror image is a second opinion
-    that costs one more forward pass (airbench averages it in the same way). Validation, which picks the best
-    trial, is read without it."""
-    x, y = data.splits["test"]
+    that costs one more forward pass (airbench averages it in the same way). Validation accuracy, which picks
+    the best epoch and trial, is read without it."""
+    x, y = data.splits[split]
     size = evaluation_batch_size(data.image_size, params.get("batch_size", 32))
     batches = evaluation_batches(x, y, len(data.class_names), size, data.image_size).map(lambda images, labels: images)
     views = [model.predict(batches, verbose=0)]

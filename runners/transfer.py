@@ -284,6 +284,7 @@ def train_through_backbone(params: dict, data: Dataset, backbone: Backbone, weig
     result.resumed_from_epoch = first
     if evaluate_test:
         result.test, result.test_probabilities = train.evaluate(model, data, params)
+        result.val_probabilities = train.val_probabilities(model, data, params)
     result.tags["search.feature_cache"] = "not used (augmentation or fine-tuning)"
     if params.get("head_init") == "imagenet":
         result.tags["search.head_init_imagenet_classes"] = ",".join(map(str, matched))

@@ -1,8 +1,8 @@
 """Ensemble selection over a study's kept models: greedy forward selection on validation (Caruana et al. 2004,
 as auto-sklearn does), registered as the study's model only when it beats the best single trial.
 
-Every kept trial whose runner reported validation probabilities (transfer heads on cached features do) saved
-them beside its model (`models/<study>/trial-N.predictions.npz`, validation and test). Selection starts from
+Every kept trial saved its answers on validation and test (mirror views averaged, as the test split is read)
+beside its model (`models/<study>/trial-N.predictions.npz`, validation and test). Selection starts from
 nothing and adds, with replacement, the kept trial that makes the average of the members' probabilities most
 accurate on validation, for up to ENSEMBLE_ROUNDS rounds; the best round's members, weighted by how often
 each was picked, make the ensemble. Test accuracy is computed for the report only, never to choose.
@@ -98,14 +98,27 @@ def combine(val: dict, test: dict, y_val: np.ndarray, y_test: np.ndarray) -> Ens
 
 
 def select(folder: Path, data) -> Ensemble | None:
-    """The ensemble of the kept trials in `folder` on `data`'s validation split; None with fewer than two."""
+    """The ensemble of the kept trials in `folder` on `data`'s validation split; None with fewer than two.
+
+    Candidates are the kept trials whose input size is the most accurate one's on validation (an explored trial
+    at a cheaper image size answers photos of another size: it cannot share the ensemble's input)."""
     saved = {int(p.name.split(".")[0].split("-")[1]): p for p in folder.glob("trial-*.predictions.npz")}
     saved = {n: p for n, p in saved.items() if (folder / f"trial-{n}.keras").is_file()}
-    if len(saved) < 2:
-        return None
     arrays = {n: np.load(p) for n, p in saved.items()}
+    y_val = data.splits["val"][1]
+    if arrays:
+        best = max(sorted(arrays), key=lambda n: accuracy(arrays[n]["val"], y_val))
+        size = input_size(arrays[best])
+        arrays = {n: a for n, a in arrays.items() if input_size(a) == size}
+    if len(arrays) < 2:
+        return None
     return combine({n: a["val"] for n, a in arrays.items()}, {n: a["test"] for n, a in arrays.items()},
-                   data.splits["val"][1], data.splits["test"][1])
+                   y_val, data.splits["test"][1])
+
+
+def input_size(saved) -> int | None:
+    """The input size a candidate's model was saved with (None for predictions saved before it was recorded)."""
+    return int(saved["size"]) if "size" in saved.files else None
 
 
 def ensemble_model(folder: Path, weights: dict[int, float], runner=None):

@@ -193,7 +193,8 @@ def keep_model(setup: RunSetup, number: int, result, others: list[tuple[float, i
         result.model.save(folder / f"trial-{number}.keras")
         if result.val_probabilities is not None and result.test_probabilities is not None:  # ensemble candidate
             np.savez(folder / f"trial-{number}.predictions.npz", val=result.val_probabilities,
-                     test=result.test_probabilities, params=np.array(json.dumps(params, default=str)))
+                     test=result.test_probabilities, params=np.array(json.dumps(params, default=str)),
+                     size=np.array(int(result.model.input_shape[1])))  # members of one ensemble share an input
     for path in folder.glob("trial-*.*"):
         if int(path.name.split(".")[0].split("-")[1]) not in keep:
             path.unlink()

@@ -147,3 +147,23 @@ def test_a_reference_the_space_cannot_express_stops_before_any_arm_runs(tmp_path
     assert code == 2
     assert "no_such" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.csv"))  # the search arm never started
+
+
+def test_a_registered_ensemble_is_the_search_curves_last_point_at_the_time_it_was_built(tmp_path):
+    from mlflow import MlflowClient
+
+    from search.stores import tracking_uri
+
+    t0 = datetime(2026, 1, 1, 12, 0, 0)
+    trials = [frozen(0, 0.50, 0.48, t0, 10), frozen(1, 0.60, 0.58, t0 + timedelta(seconds=10), 10)]
+    assert bench.ensemble_point("study-a", tmp_path, trials) == []  # no store, no ensemble
+    client = MlflowClient(tracking_uri(None, tmp_path))
+    experiment = client.create_experiment("study-a")
+    run = client.create_run(experiment, tags={"search.role": "trial"})
+    client.set_terminated(run.info.run_id, end_time=int((t0 + timedelta(seconds=20)).timestamp() * 1000))
+    assert bench.ensemble_point("study-a", tmp_path, trials) == []  # trials only
+    run = client.create_run(experiment, tags={"search.role": "ensemble"})
+    client.log_metric(run.info.run_id, "val_accuracy", 0.65)
+    client.log_metric(run.info.run_id, "test_accuracy", 0.61)
+    client.set_terminated(run.info.run_id, end_time=int((t0 + timedelta(seconds=25)).timestamp() * 1000))
+    assert bench.ensemble_point("study-a", tmp_path, trials) == [(25.0, 0.65, 0.61)]

@@ -129,3 +129,22 @@ def test_members_with_and_without_mirror_tta_share_one_backbone_layer_per_name()
     images = np.random.default_rng(0).uniform(0, 255, (4, 64, 64, 3)).astype("float32")
     expected = sum(0.5 * model.predict(images, verbose=0) for _, model, _ in trials)
     np.testing.assert_allclose(combined.predict(images, verbose=0), expected, atol=1e-5)
+
+
+def test_only_kept_models_of_the_best_ones_input_size_are_candidates(tmp_path):
+    """An explored trial trained at a cheaper image size answers other photos: it cannot join the ensemble."""
+    from types import SimpleNamespace
+
+    labels = np.arange(12) % 3
+    index = np.arange(12)
+    answers = {0: (one_hot_answers(index < 8, labels), 32),   # the best alone
+               1: (one_hot_answers(index >= 4, labels), 16),  # would complete it, but at 16 px
+               2: (one_hot_answers(index >= 6, labels), 32)}
+    for n, (val, size) in answers.items():
+        (tmp_path / f"trial-{n}.keras").write_bytes(b"")
+        np.savez(tmp_path / f"trial-{n}.predictions.npz", val=val, test=val, size=np.array(size))
+    data = SimpleNamespace(splits={"val": (None, labels), "test": (None, labels)})
+    found = ensemble.select(tmp_path, data)
+    assert set(found.counts) <= {0, 2} and 0 in found.counts
+    (tmp_path / "trial-2.keras").unlink()  # fell out of the kept models: one candidate of 32 px is left
+    assert ensemble.select(tmp_path, data) is None

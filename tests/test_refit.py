@@ -82,6 +82,25 @@ def test_a_refit_starting_before_half_the_budget_finishes_a_round_there_then_war
     started = min(t.datetime_start for t in study.trials)
     assert (first.datetime_complete - started).total_seconds() <= 30 + 3
 
+    # every kept model is an ensemble candidate: its validation and test answers saved beside it, at its input size
+    models = workdir / "models" / "tiny-cifar10"
+    kept = sorted(models.glob("trial-*.keras"))
+    assert len(kept) >= 2
+    for path in kept:
+        saved = np.load(path.with_suffix(".predictions.npz"))
+        assert saved["val"].shape[1] == saved["test"].shape[1] == 10 and int(saved["size"]) == 32
+        assert np.allclose(saved["val"].sum(axis=1), 1, atol=1e-3)
+    # the registered model is the ensemble of the rounds (and explored trials) when it beats the best on validation
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    version = max(client.search_model_versions("name = 'tiny-cifar10-best'"), key=lambda v: int(v.version))
+    ensembles = client.search_runs([client.get_experiment_by_name("tiny-cifar10").experiment_id],
+                                   "tags.`search.role` = 'ensemble'")
+    if ensembles:
+        assert version.tags["search.trial"].startswith("ensemble") and "ensemble of trials" in done.stdout
+        assert ensembles[0].data.metrics["val_accuracy"] > ensembles[0].data.metrics["best_single_val_accuracy"]
+    else:
+        assert version.tags["search.trial"] == str(study.best_trial.number)
+
 
 def test_a_second_round_starts_from_the_first_rounds_weights(cifar_dir, tmp_path):
     from runners import scratch_cnn

@@ -197,7 +197,7 @@ def run_search_arm(arm: str, args: argparse.Namespace) -> tuple[list, dict]:
     while summary.stopped == "memory":  # `search.run` replaces its process here; the benchmark's goes on
         summary = run_search(replace(config, budget_started=summary.budget_started))
     study = find_study(name, workdir=str(stores))
-    curve = study_curve(study.trials)
+    curve = study_curve(study.trials) + ensemble_point(name, stores, study.trials)
     facts = {"study": name, "trials": len(study.trials),
              "complete": sum(t.state.name == "COMPLETE" for t in study.trials),
              "pruned": sum(t.state.name == "PRUNED" for t in study.trials)}
@@ -226,6 +226,26 @@ def study_curve(trials) -> list[tuple[float, float, float]]:
         curve.append(((t.datetime_complete - min(starts)).total_seconds(), float(best.value),
                       float(best.user_attrs.get("test_accuracy", math.nan))))
     return curve
+
+
+def ensemble_point(study: str, stores: Path, trials) -> list[tuple[float, float, float]]:
+    """The curve's last row when the study registered an ensemble of its kept models (search/ensemble.py):
+    (seconds from the first trial's start to the ensemble's run's end, its val, its test), else nothing."""
+    from mlflow import MlflowClient
+
+    from search.stores import tracking_uri
+    from search.tracking import ROLE
+
+    client = MlflowClient(tracking_uri(None, stores))
+    found = client.get_experiment_by_name(study)
+    runs = client.search_runs([found.experiment_id], filter_string=f"tags.`{ROLE}` = 'ensemble'",
+                              order_by=["attributes.end_time DESC"], max_results=1) if found else []
+    starts = [t.datetime_start for t in trials if t.datetime_start]
+    if not runs or not starts or not runs[0].info.end_time:
+        return []
+    ended = datetime.fromtimestamp(runs[0].info.end_time / 1000)  # Optuna's times are local, naive
+    metrics = runs[0].data.metrics
+    return [((ended - min(starts)).total_seconds(), metrics["val_accuracy"], metrics["test_accuracy"])]
 
 
 def search_training_rate(best, args: argparse.Namespace, model_path: Path) -> dict:
