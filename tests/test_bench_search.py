@@ -67,7 +67,7 @@ def test_every_arm_runs_and_saves_its_curve_facts_table_and_plot(benchmark):
     for arm in ("baseline", "reference"):
         facts = json.loads((out / f"{arm}.json").read_text())
         assert float(read_curve(out / f"{arm}.csv")[-1]["elapsed_seconds"]) <= BUDGET * 1.5
-        assert facts["epochs"] >= 1
+        assert facts["epochs"] >= 1 and 2 <= facts["epochs_run"] <= facts["epochs"] + 1  # the timed one, then the rest
     reference = json.loads((out / "reference.json").read_text())["params"]
     assert reference["architecture"] == "reference_cifar" and reference["optimizer"] == "adamw"
     assert json.loads((out / "random.json").read_text())["study"].startswith("bench-search-random-")
@@ -149,21 +149,29 @@ def test_a_reference_the_space_cannot_express_stops_before_any_arm_runs(tmp_path
     assert not list(tmp_path.glob("*.csv"))  # the search arm never started
 
 
-def test_a_registered_ensemble_is_the_search_curves_last_point_at_the_time_it_was_built(tmp_path):
+def test_an_ensemble_enters_the_search_curve_when_built_and_only_while_its_validation_is_the_best(tmp_path):
     from mlflow import MlflowClient
 
     from search.stores import tracking_uri
 
     t0 = datetime(2026, 1, 1, 12, 0, 0)
-    trials = [frozen(0, 0.50, 0.48, t0, 10), frozen(1, 0.60, 0.58, t0 + timedelta(seconds=10), 10)]
-    assert bench.ensemble_point("study-a", tmp_path, trials) == []  # no store, no ensemble
+    trials = [frozen(0, 0.50, 0.48, t0, 10), frozen(1, 0.60, 0.58, t0 + timedelta(seconds=10), 10),
+              frozen(2, 0.70, 0.66, t0 + timedelta(seconds=20), 20)]
+    assert bench.ensemble_runs("study-a", tmp_path) == []  # no store, no ensemble
     client = MlflowClient(tracking_uri(None, tmp_path))
     experiment = client.create_experiment("study-a")
-    run = client.create_run(experiment, tags={"search.role": "trial"})
-    client.set_terminated(run.info.run_id, end_time=int((t0 + timedelta(seconds=20)).timestamp() * 1000))
-    assert bench.ensemble_point("study-a", tmp_path, trials) == []  # trials only
-    run = client.create_run(experiment, tags={"search.role": "ensemble"})
-    client.log_metric(run.info.run_id, "val_accuracy", 0.65)
-    client.log_metric(run.info.run_id, "test_accuracy", 0.61)
-    client.set_terminated(run.info.run_id, end_time=int((t0 + timedelta(seconds=25)).timestamp() * 1000))
-    assert bench.ensemble_point("study-a", tmp_path, trials) == [(25.0, 0.65, 0.61)]
+
+    def run(role, seconds, val=None, test=None):
+        started = client.create_run(experiment, tags={"search.role": role})
+        if val is not None:
+            client.log_metric(started.info.run_id, "val_accuracy", val)
+            client.log_metric(started.info.run_id, "test_accuracy", test)
+        client.set_terminated(started.info.run_id, end_time=int((t0 + timedelta(seconds=seconds)).timestamp() * 1000))
+
+    run("trial", 20)
+    assert bench.ensemble_runs("study-a", tmp_path) == []  # trials only
+    run("ensemble", 25, 0.65, 0.61)  # built when a worker restarted for memory: the best until trial 2 ends
+    run("ensemble", 45, 0.72, 0.69)  # at the run's end
+    curve = bench.study_curve(trials, bench.ensemble_runs("study-a", tmp_path))
+    assert curve == [(10.0, 0.50, 0.48), (20.0, 0.60, 0.58), (25.0, 0.65, 0.61), (40.0, 0.70, 0.66),
+                     (45.0, 0.72, 0.69)]
