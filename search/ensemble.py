@@ -163,6 +163,10 @@ def build_and_log(setup, parent: str) -> tuple[Ensemble, str, Path, int] | None:
                  f"{found.best_single[1]:.4f}) is as accurate on validation as any combination of them")
         return None
     path = setup.models / "ensemble.keras"
+    same = registered_ensemble(setup, found)
+    if same is not None and path.is_file():  # an earlier invocation (or a worker's restart) built this one
+        log.info(f"ensemble: trials {found.members_text()}, as registered already (val {found.val_accuracy:.4f})")
+        return found, same.tags["search.run_id"], path, int(same.tags["search.image_size"])
     model = ensemble_model(setup.models, found.weights, setup.runner)
     model.save(path)
     run_id = tracking.start_ensemble_run(setup.client, setup.experiment_id, parent, setup.study_name, {
@@ -177,3 +181,17 @@ def build_and_log(setup, parent: str) -> tuple[Ensemble, str, Path, int] | None:
     log.info(f"ensemble: trials {found.members_text()}: val {found.val_accuracy:.4f} against {found.best_single[1]:.4f} "
              f"for trial {found.best_single[0]} alone (test {found.test_accuracy:.4f})")
     return found, run_id, path, int(model.input_shape[1])
+
+
+def registered_ensemble(setup, found: Ensemble):
+    """The study's newest registered version when it is this very ensemble (same members, same weights), else None."""
+    from search.registry import registered_name
+
+    name = registered_name(setup.study_name)
+    if not setup.client.search_registered_models(filter_string=f"name = '{name}'"):
+        return None
+    versions = setup.client.search_model_versions(f"name = '{name}'")
+    newest = max(versions, key=lambda v: int(v.version), default=None)
+    if newest is None or newest.tags.get("search.trial") != f"ensemble {found.members_text()}":
+        return None
+    return newest

@@ -279,7 +279,8 @@ def test_disk_shows_each_studys_footprint_and_prune_keeps_only_the_best_model(co
     assert "| tiny-cifar10 |" in shown and "kept_models" in shown and "image cache" in shown
     table, _ = disk_usage(None, workdir=str(workdir))
     row = table.set_index("study").loc["tiny-cifar10"]
-    assert row["kept_models"] == 2 and row["models_mb"] > 0 and row["artifacts_mb"] > 0.19
+    ensemble = (workdir / "models" / "tiny-cifar10" / "ensemble.keras").is_file()  # registered when it beat the best
+    assert row["kept_models"] == 2 + ensemble and row["models_mb"] > 0 and row["artifacts_mb"] > 0.19
     assert abs(row["total_mb"] - row[[c for c in table.columns if c.endswith("_mb") and c != "total_mb"]].sum()) < 1e-9
 
     # a study with a live trial is not pruned
@@ -295,7 +296,8 @@ def test_disk_shows_each_studys_footprint_and_prune_keeps_only_the_best_model(co
     assert results_main(["--prune", "tiny-cifar10"]) == 0
     said = capsys.readouterr().out
     assert f"trial {best}'s model, the best, is kept" in said and "freed" in said, said
-    assert sorted(p.name for p in (workdir / "models" / "tiny-cifar10").iterdir()) == [f"trial-{best}.keras"]
+    left = sorted(p.name for p in (workdir / "models" / "tiny-cifar10").iterdir())
+    assert left == [f"trial-{best}.keras", f"trial-{best}.predictions.npz"]  # its model and its saved answers
     run = client.get_run(pruned.user_attrs["mlflow_run_id"])
     assert client.list_artifacts(run.info.run_id) == [] and run.data.tags["search.artifacts_pruned"] == "true"
     assert not (workdir / "checkpoints" / "tiny-cifar10").exists()

@@ -100,6 +100,11 @@ def test_a_transfer_studys_ensemble_is_one_keras_model_answering_as_its_members_
     runs, version = registered()
     assert version.tags["search.run_id"] == runs[0].info.run_id and version.tags["search.trial"].startswith("ensemble")
     assert runs[0].data.metrics["val_accuracy"] == 1.0
+    finish.register_and_report(setup, summary.parent_run_id,  # the same ensemble again: no new run, no new version
+                               finish.BestTrial(best.number, best.value, best.params, best.user_attrs["mlflow_run_id"]),
+                               study)
+    again_runs, again = registered()
+    assert len(again_runs) == len(runs) and again.version == version.version
     photo = next(dogs_dir.rglob("*.jpg"))
     mlflow.set_tracking_uri(f"sqlite:///{workdir}/mlflow.db")
     served = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}").predict([str(photo)])

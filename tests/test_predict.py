@@ -51,7 +51,7 @@ def registered(cifar_dir, tmp_path_factory) -> Registered:
     """Two tiny CIFAR-10 trials, then a Stanford Dogs photo and a CIFAR-10 test JPEG to predict."""
     root = tmp_path_factory.mktemp("predict")
     config = SearchConfig(space=str(write_space(root, TINY_SPACE)), data_dir=str(cifar_dir), trials=2,
-                          sampler="random", workdir=str(root / "mlruns"))
+                          sampler="random", workdir=str(root / "mlruns"), keep_models=1)  # one model: no ensemble
     summary = run_search(config)
     dog = next(shared("stanford_dogs", "Images", "n02085620-Chihuahua").glob("*.jpg"))
     cat = root / "cat.jpg"
