@@ -6,10 +6,12 @@
 Runs, one after the other on the same machine and data, each for the same wall-clock budget:
   search     the harness's default search (Optuna TPE + Hyperband over epochs, the default pruner of a
              time-budgeted run; the space's defaults tried first; the last 80% of the budget refits the best,
-             in a round that ends at half the budget and a warm restart from it);
+             in a round that ends at half the budget and a warm restart from it; at the end the greedy
+             ensemble of the kept models when it beats the best one on validation);
   random     random search, no pruner, no default trial, no refit;
   default    the space's default configuration trained once for the whole budget, with the refit's schedule
-             (epochs planned from a timed first epoch, stopped at the budget): the yardstick the search must beat;
+             (epochs planned from a timed first epoch, the schedule ending with the last epoch that fits the
+             budget): the yardstick the search must beat;
   baseline   the space's best hand-made baseline (search.space.baseline_trials), trained once;
   reference  a plain CNN a skilled Keras user would write without any search (REFERENCE below), trained once.
 A single training's epoch count comes from a timed first epoch (PLAN_SLACK more, since the first epoch also
