@@ -185,13 +185,8 @@ def build_and_log(setup, parent: str) -> tuple[Ensemble, str, Path, int] | None:
 
 def registered_ensemble(setup, found: Ensemble):
     """The study's newest registered version when it is this very ensemble (same members, same weights), else None."""
-    from search.registry import registered_name
+    from search.registry import registered_name, versions
 
-    name = registered_name(setup.study_name)
-    if not setup.client.search_registered_models(filter_string=f"name = '{name}'"):
-        return None
-    versions = setup.client.search_model_versions(f"name = '{name}'")
-    newest = max(versions, key=lambda v: int(v.version), default=None)
-    if newest is None or newest.tags.get("search.trial") != f"ensemble {found.members_text()}":
-        return None
-    return newest
+    newest = max(versions(setup.client, registered_name(setup.study_name)), key=lambda v: int(v.version), default=None)
+    same = newest is not None and newest.tags.get("search.trial") == f"ensemble {found.members_text()}"
+    return newest if same else None

@@ -31,13 +31,16 @@ def registered_name(study: str) -> str:
     return f"{study}-best"
 
 
+def versions(client: MlflowClient, name: str) -> list[ModelVersion]:
+    """Every version of the registered model `name`; none when it is not registered yet."""
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
+        return []
+    return client.search_model_versions(f"name = '{name}'")
+
+
 def version_of_trial(client: MlflowClient, name: str, run_id: str) -> ModelVersion | None:
     """The version of `name` already registered from this trial's run, if any."""
-    if client.search_registered_models(filter_string=f"name = '{name}'"):
-        for version in client.search_model_versions(f"name = '{name}'"):
-            if version.tags.get("search.run_id") == run_id:
-                return version
-    return None
+    return next((v for v in versions(client, name) if v.tags.get("search.run_id") == run_id), None)
 
 
 def requirements() -> list[str]:

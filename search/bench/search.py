@@ -17,10 +17,10 @@ Runs, one after the other on the same machine and data, each for the same wall-c
 A single training's epoch count comes from a timed first epoch (PLAN_SLACK more, since the first epoch also
 traces the model); after every epoch its deadline (runners.callbacks.Deadline, as the search's refit's) brings the
 learning-rate schedule's end to the last epoch that fits and stops training there, so the schedule anneals at
-the budget's end whatever the epochs turn out to take. Each arm's curve (elapsed seconds, best validation accuracy so far, test accuracy of that model) goes
-to <out>/<arm>.csv, its facts (machine rate before it, training rate) to <out>/<arm>.json. The table and the
-plot <out>/search_benchmark.png are drawn from every arm saved under --out, so a long benchmark can be run one
-arm at a time. Models are chosen by validation accuracy only; test accuracy is reported.
+the budget's end whatever the epochs turn out to take. Each arm's curve (elapsed seconds, best validation
+accuracy so far, test accuracy of that model) goes to <out>/<arm>.csv, its facts (machine rate before it,
+training rate) to <out>/<arm>.json. The table and the plot <out>/search_benchmark.png are drawn from every arm
+saved under --out, so a long benchmark can be run one arm at a time. Models are chosen by validation accuracy only; test accuracy is reported.
 """
 from __future__ import annotations
 
@@ -227,10 +227,11 @@ def study_curve(trials, ensembles=()) -> list[tuple[float, float, float]]:
     starts = [t.datetime_start for t in trials if t.datetime_start]
     if not starts:
         return []
-    events = [((t.datetime_complete - min(starts)).total_seconds(), float(t.value),
+    origin = min(starts)
+    events = [((t.datetime_complete - origin).total_seconds(), float(t.value),
                float(t.user_attrs.get("test_accuracy", math.nan)))
               for t in trials if t.state.name == "COMPLETE" and t.datetime_complete]
-    events += [((ended - min(starts)).total_seconds(), val, test) for ended, val, test in ensembles]
+    events += [((ended - origin).total_seconds(), val, test) for ended, val, test in ensembles]
     curve, best = [], None
     for seconds, val, test in sorted(events, key=lambda e: e[0]):
         if best is None or val > best[0]:
