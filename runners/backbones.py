@@ -4,6 +4,7 @@ preprocessing, and the ImageNet classifier a Lite weights file keeps.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,11 +172,16 @@ def preprocessing(backbone: Backbone, name: str = "preprocess"):
     return layers.Identity(name=name)
 
 
+@functools.lru_cache(maxsize=None)  # read by every head_init imagenet trial; reading it builds the whole network
 def imagenet_classifier(backbone: Backbone, weights: Weights) -> tuple[np.ndarray, np.ndarray]:
-    """The backbone's own ImageNet classifier (kernel, bias); only the EfficientNet-Lite weights files keep it."""
+    """The backbone's own ImageNet classifier (kernel, bias), read-only; only the EfficientNet-Lite weights files
+    keep it."""
     if backbone.application is not None or weights.path is None:
         raise ArchitectureError(f"head_init imagenet: {backbone.name}'s no-top weights carry no ImageNet "
                                 "classifier; use head_init random")
     from runners import lite
 
-    return lite.imagenet_classifier(backbone.name, weights.path)
+    kernel, bias = lite.imagenet_classifier(backbone.name, weights.path)
+    kernel.setflags(write=False)
+    bias.setflags(write=False)
+    return kernel, bias

@@ -30,7 +30,8 @@ from keras import layers
 from runners import features, lite, train
 from runners.backbones import Backbone, Weights
 from runners.datasets import Dataset
-from runners.feature_heads import (build_model, compile_model, regularize_toward_start, test_metrics,
+from runners.feature_heads import (build_frozen_backbone, build_model, compile_model, regularize_toward_start,
+                                   test_metrics,
                                    train_on_cached_features)
 from runners.pipeline import evaluation_batches, one_hot
 from runners.progress import long_work_bar
@@ -104,6 +105,7 @@ def train_last_stage(params: dict, data: Dataset, backbone: Backbone, weights: W
         result.test, result.test_probabilities = probe.test, probe.test_probabilities
         return result
     tta = mirror > plain
+    backbone_model = build_frozen_backbone(backbone, data.image_size, weights)  # not the trials' shared one
     lite.copy_weights(tail, backbone_model)  # the saved model carries the tuned stage
     result.model = build_model([backbone_model], [backbone], head, params, data.image_size, tta)
     result.val_accuracy, result.val_probabilities = max(plain, mirror), predict(tuned, cache, "val", tta)

@@ -5,7 +5,7 @@ import keras
 import numpy as np
 import pytest
 
-from runners import lite, transfer
+from runners import feature_heads, lite, transfer
 from runners.transfer import BACKBONES, resolve_weights
 from tests.test_transfer import default_params, small_dogs
 
@@ -36,6 +36,11 @@ def test_a_last_stage_trial_keeps_the_tuned_stage_when_validation_gains_and_its_
                            imagenet.get_layer("stage7_block1_project_conv").get_weights()[0])
     np.testing.assert_array_equal(tuned.get_layer("stage6_block1_project_conv").get_weights()[0],
                                   imagenet.get_layer("stage6_block1_project_conv").get_weights()[0])
+    backbone = transfer.backbone_named("efficientnet_lite0")  # the head trials' shared backbone stays ImageNet's
+    shared = feature_heads.frozen_backbone(backbone, 64, transfer.resolve_weights(backbone, 64, None))
+    assert shared is not tuned
+    np.testing.assert_array_equal(shared.get_layer("stage7_block1_project_conv").get_weights()[0],
+                                  imagenet.get_layer("stage7_block1_project_conv").get_weights()[0])
     path = workdir / "last_stage.keras"
     result.model.save(path)
     answers = keras.models.load_model(path, compile=False).predict(data.splits["test"][0].astype("float32"),

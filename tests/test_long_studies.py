@@ -20,6 +20,30 @@ def test_study_patience_stops_a_study_that_cannot_improve_and_says_why(cifar_dir
     assert parent.data.tags["search.stopped_by"] == "trials" and parent.data.tags["search.stopped_window"] == "3"
 
 
+def test_the_memory_watch_counts_live_memory_not_garbage_in_reference_cycles():
+    import numpy as np
+    from search.stopping import MemoryWatch
+
+    class Study:  # what MemoryWatch calls on Optuna's study
+        stopped = False
+
+        def stop(self):
+            self.stopped = True
+
+    watch, study = MemoryWatch(limit_mb=100), Study()
+    watch(study, None)  # the baseline, after the first trial
+    for _ in range(3):  # what a pruned trial leaves: its exception's frames, holding its arrays, in a cycle
+        cycle = {"features": np.ones((200, 2 ** 20 // 8))}  # 200 MB, touched
+        cycle["self"] = cycle
+        del cycle
+        watch(study, None)
+    assert not study.stopped and watch.reason is None
+    kept = [np.ones((200, 2 ** 20 // 8))]  # live memory does count
+    watch(study, None)
+    assert study.stopped and "restarting the worker" in watch.reason
+    del kept
+
+
 def test_rerun_reproduces_a_trials_validation_accuracy(cifar_dir, workdir, tmp_path):
     space = write_space(tmp_path, TINY_SPACE.replace("epochs: 1", "epochs: 2"))
     summary = run_search(SearchConfig(space=str(space), data_dir=str(cifar_dir), trials=1))

@@ -179,6 +179,32 @@ def test_several_backbones_train_one_head_on_their_cached_features_and_the_saved
     assert again.tags["search.feature_cache"] == "reused"  # Lite1 alone reads the combination's Lite1 cache
 
 
+def test_head_trials_share_one_frozen_backbone_and_each_saved_model_still_answers_as_its_head(dogs_dir, workdir):
+    from runners import feature_heads
+
+    data = small_dogs(dogs_dir, workdir, image_size=64)
+    options = {"workdir": str(workdir)}
+    images = data.splits["test"][0].astype("float32")
+    models = []
+    for dropout in (0.0, 0.3):  # two trials in one process, as a study runs them
+        params = default_params(dropout=dropout, batch_size=16)
+        result = transfer.train_and_evaluate(params, data, epochs=1, patience=1, seed=0, recipes={}, options=options)
+        path = workdir / f"trial-{dropout}.keras"
+        result.model.save(path)
+        models.append((result, path))
+    first, second = (result.model.get_layer("efficientnet_lite0") for result, _ in models)
+    assert first is second  # built once, not once per trial
+    backbone = transfer.backbone_named("efficientnet_lite0")
+    shared = feature_heads.frozen_backbone(backbone, 64, resolve_weights(backbone, 64, None))
+    assert shared is first and not shared._inbound_nodes  # the trials' models are no longer held by it
+    for result, path in models:  # each saved model answers as its head on the cached features did
+        loaded = keras.models.load_model(path, compile=False)
+        np.testing.assert_allclose(loaded.predict(images, verbose=0), result.test_probabilities, atol=1e-4)
+    kernel, _ = transfer.imagenet_classifier(backbone, resolve_weights(backbone, 64, None))
+    assert kernel is transfer.imagenet_classifier(backbone, resolve_weights(backbone, 64, None))[0]
+    assert not kernel.flags.writeable  # shared by every trial: nobody may change it
+
+
 def test_a_head_on_several_backbones_starts_as_the_mean_of_their_imagenet_classifiers(dogs_dir, workdir):
     from runners import feature_heads
 
