@@ -59,8 +59,8 @@ def embedder(backbone_model: keras.Model, backbone: Backbone, image_size: int, b
 
 
 # (backbone, input size, weights, dtype policy) -> its frozen model, built once per process: a build with its
-# weights took 1.6 s of a head trial's 7.7 s on the dogs (Lite1+Lite2, 30 trials profiled, AMD EPYC AVX-512),
-# and every build leaves memory behind that TensorFlow does not give back
+# weights took 1.6 s, twice in a head trial of 7.7 s on the dogs (Lite1+Lite2; 30 trials profiled, AMD EPYC
+# AVX-512), and every build leaves memory behind that TensorFlow does not give back
 FROZEN_BACKBONES: dict[tuple, keras.Model] = {}
 
 

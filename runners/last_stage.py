@@ -31,8 +31,7 @@ from runners import features, lite, train
 from runners.backbones import Backbone, Weights
 from runners.datasets import Dataset
 from runners.feature_heads import (build_frozen_backbone, build_model, compile_model, regularize_toward_start,
-                                   test_metrics,
-                                   train_on_cached_features)
+                                   test_metrics, train_on_cached_features)
 from runners.pipeline import evaluation_batches, one_hot
 from runners.progress import long_work_bar
 from runners.protocol import ArchitectureError
