@@ -5,7 +5,8 @@
 Keras early stopping inside a trial; this is the study-level `--study-patience`).
 `MemoryWatch`: TensorFlow keeps ~10 MB per trained model after clear_session (measured: 20 rounds of
 build, fit, clear_session grow the process by ~200 MB), so a worker that has grown by `--max-memory-growth`
-(measured after a full garbage collection) since its first trial ends its loop and `search.run` starts it afresh; the study resumes where it was.
+(measured after a full garbage collection) since its first trial ends its loop and `search.run` starts it
+afresh; the study resumes where it was.
 """
 from __future__ import annotations
 
