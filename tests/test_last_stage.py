@@ -37,7 +37,7 @@ def test_a_last_stage_trial_keeps_the_tuned_stage_when_validation_gains_and_its_
     np.testing.assert_array_equal(tuned.get_layer("stage6_block1_project_conv").get_weights()[0],
                                   imagenet.get_layer("stage6_block1_project_conv").get_weights()[0])
     backbone = transfer.backbone_named("efficientnet_lite0")  # the head trials' shared backbone stays ImageNet's
-    shared = feature_heads.frozen_backbone(backbone, 64, transfer.resolve_weights(backbone, 64, None))
+    shared = feature_heads.frozen_backbone(backbone, 64, resolve_weights(backbone, 64, None))
     assert shared is not tuned
     np.testing.assert_array_equal(shared.get_layer("stage7_block1_project_conv").get_weights()[0],
                                   imagenet.get_layer("stage7_block1_project_conv").get_weights()[0])

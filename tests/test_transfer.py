@@ -195,13 +195,14 @@ def test_head_trials_share_one_frozen_backbone_and_each_saved_model_still_answer
     first, second = (result.model.get_layer("efficientnet_lite0") for result, _ in models)
     assert first is second  # built once, not once per trial
     backbone = transfer.backbone_named("efficientnet_lite0")
-    shared = feature_heads.frozen_backbone(backbone, 64, resolve_weights(backbone, 64, None))
+    weights = resolve_weights(backbone, 64, None)
+    shared = feature_heads.frozen_backbone(backbone, 64, weights)
     assert shared is first and not shared._inbound_nodes  # the trials' models are no longer held by it
     for result, path in models:  # each saved model answers as its head on the cached features did
         loaded = keras.models.load_model(path, compile=False)
         np.testing.assert_allclose(loaded.predict(images, verbose=0), result.test_probabilities, atol=1e-4)
-    kernel, _ = transfer.imagenet_classifier(backbone, resolve_weights(backbone, 64, None))
-    assert kernel is transfer.imagenet_classifier(backbone, resolve_weights(backbone, 64, None))[0]
+    kernel, _ = transfer.imagenet_classifier(backbone, weights)
+    assert kernel is transfer.imagenet_classifier(backbone, resolve_weights(backbone, 64, None))[0]  # read once
     assert not kernel.flags.writeable  # shared by every trial: nobody may change it
 
 

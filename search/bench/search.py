@@ -20,7 +20,8 @@ learning-rate schedule's end to the last epoch that fits and stops training ther
 the budget's end whatever the epochs turn out to take. Each arm's curve (elapsed seconds, best validation
 accuracy so far, test accuracy of that model) goes to <out>/<arm>.csv, its facts (machine rate before it,
 training rate) to <out>/<arm>.json. The table and the plot <out>/search_benchmark.png are drawn from every arm
-saved under --out, so a long benchmark can be run one arm at a time. Models are chosen by validation accuracy only; test accuracy is reported.
+saved under --out, so a long benchmark can be run one arm at a time. Models are chosen by validation accuracy
+only; test accuracy is reported.
 """
 from __future__ import annotations
 
