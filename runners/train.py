@@ -128,12 +128,12 @@ def learning_rate_schedule(params: dict, steps_per_epoch: int, epochs: int):
 
 @keras.saving.register_keras_serializable(package="runners")
 class BudgetedSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """A learning-rate curve planned over `steps` steps whose end can be brought forward during training.
+    """A learning-rate curve planned over `steps` steps whose end can be moved during training (never past them).
 
     Until `finish_by` is called, the rate at step s is exactly curve(s). `finish_by(end, now)` makes what is
     left of the curve after step `now` run over the steps from `now` to `end`: the rate goes on from where it
-    was, faster, and reaches the curve's end (0) at step `end`; later steps stay there. The refit's Deadline
-    calls it when fewer epochs fit before its deadline than the schedule was planned for. The end and the
+    was, faster (or slower again), and reaches the curve's end (0) at step `end`; later steps stay there. The
+    refit's Deadline calls it after every epoch with the last epoch that fits before its deadline. The end and the
     point of the change are variables, so the compiled train step reads their values at each step.
     Saved models keep the curve and its planned steps (get_config), not a brought-forward end; loading one
     with its optimizer (compile=True) needs this module imported (the class registered), as for any custom
@@ -165,10 +165,10 @@ class BudgetedSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
     def finish_by(self, end: float, now: float) -> bool:
         """Make the curve end at step `end` (counted from 0, as the optimiser's iterations), continuing from its
-        value at step `now`; only ever earlier: returns False (nothing changed) when `end` is not before the
-        current end, or not after `now`."""
+        value at step `now`: earlier than planned, or later again after an earlier call, never past the planned
+        steps; returns False (nothing changed) when `end` is the current end, past the plan, or not after `now`."""
         end, now = float(end), float(now)
-        if not now < end < float(self.end.numpy()):
+        if not now < end <= self.steps or end == float(self.end.numpy()):
             return False
         at = self.position(now)
         self.since_step.assign(now)

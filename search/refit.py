@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 
 from search import space as spaces
 from search import tracking
-from search.config import REFIT_EPOCH_MARGIN, REFIT_ROUND_END
+from search.config import PLAN_SLACK, REFIT_EPOCH_MARGIN, REFIT_ROUND_END
 from search.plan import full_epoch_seconds, measured_epoch_seconds
 from search.recovery import DiscardCheckpoint
 from search.sampling import feasible
@@ -131,17 +131,24 @@ def refit_best(setup, parent: str, objective, remaining: float, elapsed: float =
         epochs, planned = refit_plan(best, seconds)
         label = f"round {index} of {len(rounds)}: " if len(rounds) > 1 else ""
         start = f", starting from trial {previous.number}'s weights" if index > 1 else ""
-        log.info(f"refit: {label}trial {best.number}'s configuration for {epochs} epochs (~{planned:.0f} s){start}")
+        log.info(f"refit: {label}trial {best.number}'s configuration for about {epochs} epochs (~{planned:.0f} s)"
+                 f"{start}; {scheduled(epochs)} scheduled, the schedule ending with the last that fits")
         tracking.set_tags(setup.client, parent, {"search.refit_of": best.number, "search.refit_epochs": epochs,
                                                  "search.refit_planned_seconds": round(planned),
                                                  "search.refit_rounds": len(rounds)})
         # training stops at the round's end less the test pass, however slow its epochs turn out (Deadline)
-        attrs = {"source": "refit", "refit_of": best.number, "epochs": epochs, "refit_round": index,
+        attrs = {"source": "refit", "refit_of": best.number, "epochs": scheduled(epochs), "refit_round": index,
                  "deadline": time.time() + seconds - setup_seconds(best)}
         if previous is not None:
             attrs.update(continues=previous.number, epochs_before=previous.user_attrs.get("epochs_run", 0)
                          + previous.user_attrs.get("epochs_before", 0))
         previous = run_refit_trial(setup, objective, best.params, attrs)
+
+
+def scheduled(epochs: int) -> int:
+    """The epochs a refit round's schedule is planned over: PLAN_SLACK more than its plan says fit (the Deadline
+    ends the schedule with the last epoch that fits, earlier or later)."""
+    return max(epochs, int(epochs * PLAN_SLACK))
 
 
 def run_refit_trial(setup, objective, params: dict, attrs: dict) -> optuna.trial.FrozenTrial | None:
@@ -168,9 +175,10 @@ def run_refit_trial(setup, objective, params: dict, attrs: dict) -> optuna.trial
 def refit_default(setup, parent, objective, remaining: float, epochs: int, planned: float) -> None:
     """Train the space's default configuration for the whole budget, as one refit trial (`refit_of` "default"):
     what a run does when exploring cannot pay on this machine (search/plan.py)."""
-    log.info(f"refit: the space's default configuration for {epochs} epochs (~{planned:.0f} s), no exploration")
+    log.info(f"refit: the space's default configuration for about {epochs} epochs (~{planned:.0f} s), no exploration; "
+             f"{scheduled(epochs)} scheduled, the schedule ending with the last that fits")
     tracking.set_tags(setup.client, parent, {"search.refit_of": "default", "search.refit_epochs": epochs,
                                              "search.refit_planned_seconds": round(planned), "search.refit_rounds": 1})
-    attrs = {"source": "refit", "refit_of": "default", "epochs": epochs, "refit_round": 1,
+    attrs = {"source": "refit", "refit_of": "default", "epochs": scheduled(epochs), "refit_round": 1,
              "deadline": time.time() + remaining}
     run_refit_trial(setup, objective, spaces.default_params(setup.space), attrs)

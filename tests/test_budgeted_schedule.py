@@ -1,5 +1,6 @@
-"""A refit's learning-rate schedule ends with its time budget: the Deadline brings the end of a one_cycle /
-warmup_cosine / cosine schedule forward to the last epoch that fits, and without one the curves are unchanged."""
+"""A refit's learning-rate schedule ends with its time budget: the Deadline moves the end of a one_cycle /
+warmup_cosine / cosine schedule to the last epoch that fits (earlier, or later again when epochs speed up), and
+without one the curves are unchanged."""
 from __future__ import annotations
 
 import time
@@ -25,16 +26,20 @@ def slow_model(lr_schedule: str):
     return model
 
 
-def train(model, callbacks: list, epochs: int = EPOCHS) -> dict:
-    """fit_resumable as a trial trains (clock first, the Deadline before the others), epochs made ~0.4 s long."""
+def train(model, callbacks: list, epochs: int = EPOCHS, first_epoch_pause: float = 0.2) -> dict:
+    """fit_resumable as a trial trains (clock first, the Deadline before the others), epochs made ~0.4 s long
+    (the first `2 * first_epoch_pause`, as when the first epoch traces the graphs)."""
     import keras
 
     from runners.callbacks import EpochClock
     from runners.train import fit_resumable
 
     class Slow(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.pause = first_epoch_pause if epoch == 0 else 0.2
+
         def on_train_batch_end(self, batch, logs=None):
-            time.sleep(0.2)
+            time.sleep(self.pause)
 
     x, y = np.ones((32, 4), np.float32), np.zeros((32, 2), np.float32)
     history, _, _ = fit_resumable(model, lambda first_epoch: x, None, epochs=epochs, own_callbacks=[EpochClock()],
@@ -50,6 +55,19 @@ def test_a_deadline_that_cuts_the_planned_epochs_short_still_ends_the_one_cycle_
 
     assert deadline.stopped_at_epoch == len(rates) < EPOCHS / 2
     assert rates[-1] < 0.1 * PEAK, f"learning rate per epoch {rates}: the schedule was cut, not annealed"
+
+
+def test_a_slow_first_epoch_does_not_end_the_schedule_early_when_later_epochs_are_faster():
+    from runners.callbacks import Deadline
+
+    # the first epoch takes ~1.0 s (tracing), the next ~0.4 s: ~10 epochs fit in 4.8 s. Planned from the first
+    # epoch alone the schedule would end with epoch 4 and the epochs after it would train at a learning rate of 0
+    deadline = Deadline(time.time() + 4.8)
+    rates = train(slow_model("one_cycle"), [deadline], first_epoch_pause=0.5)["learning_rate"]
+
+    assert 7 <= deadline.stopped_at_epoch == len(rates) < EPOCHS
+    assert rates[-1] < 0.1 * PEAK, f"learning rate per epoch {rates}: the schedule was cut, not annealed"
+    assert sum(rate < 1e-4 * PEAK for rate in rates) <= 1, f"learning rate per epoch {rates}: annealed too early"
 
 
 def test_without_a_deadline_the_one_cycle_is_still_rising_at_epoch_3_of_20():
@@ -88,6 +106,11 @@ def test_the_schedules_keep_their_curves_until_their_end_is_brought_forward_then
     assert float(schedule(4)) == pytest.approx(before, rel=1e-5)  # no jump where the end moved
     assert float(schedule(10)) == float(schedule(30)) == pytest.approx(0.0, abs=1e-9)
     assert schedule.finish_by(8, 6) and float(schedule(8)) == pytest.approx(0.0, abs=1e-9)  # and earlier again
+    before = float(schedule(7))
+    assert schedule.finish_by(total, 7)  # later again, up to the planned end (epochs turned out faster)
+    assert float(schedule(7)) == pytest.approx(before, rel=1e-5) and float(schedule(total - 1)) > 0
+    assert float(schedule(total)) == pytest.approx(0.0, abs=1e-9)
+    assert not schedule.finish_by(total, 8)  # already the end
 
 
 def test_a_saved_model_compiled_with_the_schedule_loads_with_its_optimizer(tmp_path):

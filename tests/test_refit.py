@@ -41,7 +41,8 @@ def test_a_timed_search_ends_by_retraining_its_best_configuration_for_longer(cif
     assert refit.state == TrialState.COMPLETE  # never pruned
     assert refit.user_attrs["refit_of"] == best.number and refit.params == best.params
     assert refit.user_attrs["epochs"] > best.user_attrs["epochs_run"]
-    assert f"refit: trial {best.number}'s configuration for {refit.user_attrs['epochs']} epochs" in done.stdout
+    assert f"refit: trial {best.number}'s configuration for about " in done.stdout
+    assert f"; {refit.user_attrs['epochs']} scheduled, the schedule ending with the last that fits" in done.stdout
 
     client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
     refit_run = client.get_run(refit.user_attrs["mlflow_run_id"])

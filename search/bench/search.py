@@ -41,6 +41,7 @@ from runners.device import cpu_count
 from runners.train import forward_flops
 from search.bench.overhead import matmul_gflops
 from search.bench.transfer import cpu_name, has_avx512
+from search.config import PLAN_SLACK
 
 ARMS = ("search", "random", "default", "baseline", "reference")
 DESCRIPTIONS = {"search": "harness default search (TPE + Hyperband, then refit)",
@@ -85,10 +86,9 @@ DEFAULT_BUDGET = {"cifar10": 3600, "stanford_dogs": 5400}         # seconds per 
 CHECKPOINTS = {"cifar10": (1 / 6, 1 / 3, 1 / 2, 3 / 4, 1),         # of the budget: 10, 20, 30, 45, 60 min at 1 h
                "stanford_dogs": (1 / 2, 1)}                        # 45 and 90 min at 1.5 h
 TRAINING_COST = 3  # a training step (forward + backward) costs about 3 forward passes
-# A single training plans this many times the epochs its timed first epoch says fit; its deadline trims the schedule
-# back to what fits. Planned at 1.0, the default arm's first epoch of 116 s (tracing in it) planned 29 epochs of
+# A single training plans PLAN_SLACK times the epochs its timed first epoch says fit; its deadline moves the schedule's
+# end to what fits. Planned at 1.0, the default arm's first epoch of 116 s (tracing in it) planned 29 epochs of
 # the 100-111 s they took, and it ended 6.6 of 60 minutes early (2026-12-05, AVX-512).
-PLAN_SLACK = 1.15
 PLOT_NAME = "search_benchmark.png"
 NOISE_NOTE = ("one run per arm, back to back on a shared machine: differences of a few points are noise; "
               "the machine's matmul rate measured before each arm is in the table")
