@@ -47,8 +47,7 @@ class Runner(Protocol):
         """Build, fit (validating every epoch, resuming from `checkpoint`), test once: a runners.train.TrialResult.
 
         `options`: "weights", "workdir", "data_dir", "architectures", "max_mflops" (reject bigger models),
-        "initial_weights" (a saved model of the same configuration to start from), "restart_lr_scale" (with
-        initial_weights: the learning rate's multiplier for that warm restart), "budget_end" (Unix seconds
+        "initial_weights" (a saved model of the same configuration to start from), "budget_end" (Unix seconds
         the run's time budget ends, None without one: a runner may refuse a trial that cannot end in time)."""
 
     def measure_speed(self, params: dict, data, *, options: dict | None = None) -> dict:

@@ -255,8 +255,6 @@ def train_and_evaluate(params: dict, data: Dataset, build_model, *, epochs: int,
     model = build_model(params, size, n_classes)
     if (options or {}).get("initial_weights"):
         model.load_weights(options["initial_weights"])  # a checkpoint, when there is one, replaces them below
-        # a warm restart from trained weights climbs to a lower peak, so it does not undo what they learnt
-        params = {**params, "learning_rate": params["learning_rate"] * options.get("restart_lr_scale", 1.0)}
     model.compile(optimizer=make_optimizer(params, steps, epochs), loss=make_loss(params),
                   metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"),
                            keras.metrics.TopKCategoricalAccuracy(k=3, name="top3_accuracy")])

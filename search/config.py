@@ -128,9 +128,6 @@ REFIT_AUTO = 0.8          # fraction of --timeout kept for the refit by `--refit
 REFIT_MAX = 0.9           # largest --refit fraction: beyond it too little time is left to explore
 REFIT_ROUND_END = 0.5     # fraction of --timeout: a refit that starts before it finishes a first round by then
                           # (a finished model at half the budget), then a warm restart from it fills the rest
-REFIT_RESTART_LR = 0.5    # round 2's learning rate, of the configuration's: its warm restart from round 1's weights
-                          # at the full rate dropped validation from 0.70 to 0.58 and took 10 of its 17 epochs to
-                          # recover (2026-12-05, AVX-512, the README command)
 REFIT_EPOCH_MARGIN = 1.05  # the refit plans its epochs 5% slower than measured: epochs of one model varied 107-146 s
 PLAN_SLACK = 1.15         # a refit (and the benchmark's single trainings) schedule 15% more epochs than planned: the
                           # Deadline moves the schedule's end to the last epoch that fits, so planning long costs

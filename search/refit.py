@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 
 from search import space as spaces
 from search import tracking
-from search.config import PLAN_SLACK, REFIT_EPOCH_MARGIN, REFIT_RESTART_LR, REFIT_ROUND_END
+from search.config import PLAN_SLACK, REFIT_EPOCH_MARGIN, REFIT_ROUND_END
 from search.plan import full_epoch_seconds, measured_epoch_seconds
 from search.recovery import DiscardCheckpoint
 from search.sampling import feasible
@@ -141,7 +141,7 @@ def refit_best(setup, parent: str, objective, remaining: float, elapsed: float =
                  "deadline": time.time() + seconds - setup_seconds(best)}
         if previous is not None:
             attrs.update(continues=previous.number, epochs_before=previous.user_attrs.get("epochs_run", 0)
-                         + previous.user_attrs.get("epochs_before", 0), restart_lr_scale=REFIT_RESTART_LR)
+                         + previous.user_attrs.get("epochs_before", 0))
         previous = run_refit_trial(setup, objective, best.params, attrs)
 
 

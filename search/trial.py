@@ -48,8 +48,6 @@ class TrialPlan:
     checkpoint: Path | None = None                 # folder for the training state after every epoch
     deadline: float | None = None                  # Unix seconds: no epoch may end after it (a refit round)
     initial_weights: str | None = None             # a saved model of this configuration to start from
-    restart_lr_scale: float = 1.0                  # with initial_weights: the learning rate's multiplier (a refit's
-                                                   # second round, REFIT_RESTART_LR)
     resumed: bool = False                          # continues an earlier process's run (its datasets are logged)
     epochs_before: int = 0                         # epochs an earlier refit round trained, for budget_fraction
     first_epoch: int = 0                           # epochs trained before this trial started (a continued
@@ -115,8 +113,7 @@ def train_and_record(setup: RunSetup, plan: TrialPlan, run_id: str, logger: Epoc
             recipes=setup.space.recipes,
             callbacks=([Deadline(plan.deadline)] if plan.deadline else []) + [EachEpoch(logger), plan.progress]
             + plan.callbacks,
-            options={**runner_options(setup), "initial_weights": plan.initial_weights,
-                     "restart_lr_scale": plan.restart_lr_scale}, checkpoint=plan.checkpoint)
+            options={**runner_options(setup), "initial_weights": plan.initial_weights}, checkpoint=plan.checkpoint)
         trial_seconds = time.perf_counter() - started
     except ArchitectureError as err:
         runner.release()

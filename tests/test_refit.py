@@ -12,7 +12,7 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from search.config import REFIT_RESTART_LR, SearchConfig
+from search.config import SearchConfig
 from search.errors import ConfigError
 from search.results import leaderboard
 from search.drivers import run_search
@@ -79,7 +79,6 @@ def test_a_refit_starting_before_half_the_budget_finishes_a_round_there_then_war
     assert second.user_attrs["epochs_before"] == first.user_attrs["epochs_run"]
     assert f"round 2 of 2: trial {first.user_attrs['refit_of']}'s configuration" in done.stdout
     assert f"starting from trial {first.number}'s weights" in done.stdout
-    assert second.user_attrs["restart_lr_scale"] == REFIT_RESTART_LR < 1  # a gentler warm restart
     # the first round ended by half the budget: a finished model exists at 30 of the 60 s
     started = min(t.datetime_start for t in study.trials)
     assert (first.datetime_complete - started).total_seconds() <= 30 + 3
@@ -125,24 +124,6 @@ def test_a_second_round_starts_from_the_first_rounds_weights(cifar_dir, tmp_path
     before = first.model.predict(x_val, verbose=0)
     np.testing.assert_allclose(resumed.model.predict(x_val, verbose=0), before, atol=1e-4)
     assert np.abs(fresh.model.predict(x_val, verbose=0) - before).max() > 0.05
-
-
-def test_a_warm_restart_climbs_to_its_scaled_learning_rate(cifar_dir, tmp_path):
-    from runners import scratch_cnn
-    from runners.datasets import load_dataset
-    from search import space as spaces
-
-    space = spaces.load_space(str(write_space(tmp_path, TINY_SPACE)))
-    params = {**spaces.default_params(space), "lr_schedule": "constant", "learning_rate": 0.002}
-    data = load_dataset("cifar10", data_dir=str(cifar_dir), image_size=32, subset=300)
-    run = dict(epochs=1, patience=1, seed=0, recipes=space.recipes, evaluate_test=False)
-    first = scratch_cnn.train_and_evaluate(params, data, **run)
-    first.model.save(tmp_path / "first.keras")
-
-    restart = scratch_cnn.train_and_evaluate(params, data, **run, options={
-        "initial_weights": str(tmp_path / "first.keras"), "restart_lr_scale": 0.5})
-    assert first.history["learning_rate"] == pytest.approx([0.002])
-    assert restart.history["learning_rate"] == pytest.approx([0.001])
 
 
 def test_training_stops_after_the_epoch_that_reaches_its_deadline(cifar_dir, tmp_path):

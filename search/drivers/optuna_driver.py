@@ -344,7 +344,6 @@ def make_objective(setup: Setup, parent: str, environment: dict, summary: Search
             # a refit round resumed in a later run keeps no deadline: its budget was the earlier run's
             deadline=trial.user_attrs.get("deadline") if not resumed else None,
             initial_weights=start_weights(setup, trial.number, trial.user_attrs.get("continues")),
-            restart_lr_scale=trial.user_attrs.get("restart_lr_scale", 1.0),
             epochs_before=trial.user_attrs.get("epochs_before", 0),
             train_fraction=setup.explore_fraction if refit_of is None else None, epoch_work=fidelity.epoch_work)
         if resumed:
