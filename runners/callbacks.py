@@ -42,13 +42,15 @@ class EachEpoch(keras.callbacks.Callback):
 
 
 class Deadline(keras.callbacks.Callback):
-    """Stops training after an epoch when one more epoch as long as it would end past `at` (Unix seconds).
+    """Stops training after an epoch when one more epoch, as long as the typical one (the median of those after the
+    first, which also traces the graphs), would end past `at` (Unix seconds).
 
     A refit plans its epochs from the explored trial's speed; on a shared machine they can run 25% slower, and
     without this a round planned to end with the budget ended ten minutes after it. The best epoch's weights
-    are still restored (early stopping's). A learning-rate schedule that can be shortened (a BudgetedSchedule
-    of runners.train: one_cycle, warmup_cosine, cosine) is made to end with the last epoch that fits, so that
-    training stopped by the deadline still ends annealed rather than at a high learning rate."""
+    are still restored (early stopping's). A learning-rate schedule whose end can move (a BudgetedSchedule of
+    runners.train: one_cycle, warmup_cosine, cosine) is made to end with the last epoch that fits, after every
+    epoch, so that training stopped by the deadline still ends annealed rather than at a high learning rate, and
+    no epoch trains at a learning rate of 0 because the end was brought too far forward."""
 
     def __init__(self, at: float):
         super().__init__()
