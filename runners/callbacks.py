@@ -56,7 +56,6 @@ class Deadline(keras.callbacks.Callback):
         super().__init__()
         self.at, self.stopped_at_epoch = at, None
         self.seconds: list[float] = []  # each epoch's, validation included
-        self.ends_with = None           # the epoch the schedule was last made to end with
 
     def on_epoch_begin(self, epoch, logs=None):
         self.started = time.monotonic()
@@ -76,12 +75,12 @@ class Deadline(keras.callbacks.Callback):
         if schedule is not None and seconds > 0:
             fit = int(remaining // seconds)  # more whole epochs as long as the typical one (1 or more here)
             done = self.steps_done()
-            # earlier than planned, or later again when epochs turn out faster (never past the planned epochs)
+            # earlier than planned, or later again when epochs turn out faster (never past the planned epochs);
+            # finish_by changes nothing, and says so, when the end is where it was
             end = min(done + fit * (done - self.first_step), schedule.steps)
-            ends_with = min(epoch + 1 + fit, (self.params or {}).get("epochs") or epoch + 1 + fit)
-            if schedule.finish_by(end, done) and self.ends_with != ends_with:
-                self.ends_with = ends_with
-                log.info(f"the learning-rate schedule now ends with epoch {self.ends_with}: the last that fits "
+            if schedule.finish_by(end, done):
+                ends_with = min(epoch + 1 + fit, (self.params or {}).get("epochs") or epoch + 1 + fit)
+                log.info(f"the learning-rate schedule now ends with epoch {ends_with}: the last that fits "
                          "the time budget")
 
     def optimizer(self):
