@@ -75,13 +75,13 @@ def take_subset(x: np.ndarray, y: np.ndarray, keys: list[str], n: int | None):
     return x[chosen], y[chosen], [keys[i] for i in chosen]
 
 
-def with_train_subset(data: Dataset, n: int) -> Dataset:
-    """The same data with at most n training images (stratified, the same n for every trial); validation and test
-    untouched, so trials trained on fewer images are still compared on the same photos."""
-    x, y, keys = take_subset(*data.splits["train"], data.keys["train"], n)
-    if len(y) == len(data.splits["train"][1]):
+def with_split_subset(data: Dataset, split: str, n: int) -> Dataset:
+    """The same data with at most n images in one split (stratified, the same n for every trial): an explored
+    trial's fewer training images per epoch, or fewer validation images; the other splits untouched."""
+    x, y, keys = take_subset(*data.splits[split], data.keys[split], n)
+    if len(y) == len(data.splits[split][1]):
         return data
-    return replace(data, splits={**data.splits, "train": (x, y)}, keys={**data.keys, "train": keys})
+    return replace(data, splits={**data.splits, split: (x, y)}, keys={**data.keys, split: keys})
 
 
 # ---------------------------------------------------------------- loading

@@ -9,6 +9,7 @@ through these calls and nothing else, so any driver works with any runner:
                                        callbacks=[...], options={...}, checkpoint=folder)
     runner.release(result)                                                        # after each trial
     runner.forward_mflops(params, data, options={...})  # optional: a configuration's cost (fidelity.resource: cost)
+    runner.evaluate_saved(path, params, data, options={...})  # optional: test a model trained without it (a screen)
     runner.ensemble_model(members, image_size)   # optional: several trials as one model (None: sum whole models)
 
 `runners/` knows nothing of `search/`: it takes plain values and raises RunnerConfigError (bad input found

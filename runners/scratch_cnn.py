@@ -158,4 +158,12 @@ def measure_speed(params: dict, data, *, options: dict | None = None) -> dict:
     return training_speed(model, params["batch_size"], data.image_size, len(data.class_names))
 
 
+def evaluate_saved(path, params: dict, data, *, options: dict | None = None) -> tuple[dict, object, object]:
+    """A saved model's test metrics and its answers on test and validation (runners.train.evaluate): a trial that
+    trained without answering the test split (a screen), tested after all."""
+    model = keras.models.load_model(path, compile=False)
+    metrics, test_probabilities = train.evaluate(model, data, params)
+    return metrics, test_probabilities, train.val_probabilities(model, data, params)
+
+
 release = train.release  # the Runner protocol's last call

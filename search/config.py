@@ -146,6 +146,12 @@ EXPLORED_TRIALS_WANTED = 12  # first-rung trials exploration's share should hold
 TRAIN_SUBSET_FLOOR = 0.5     # never fewer than this share of the training images: at a tenth of the default's
                              # 6,000 CIFAR images (3 steps of 256 an epoch) exploration ranked a small MSE model
                              # first and its refit reached 65.6% test against 76.4% explored on every image (one run each)
+VAL_SUBSET_RATIO = 0.5       # `fidelity.val_subset: auto`: an explored trial validates on at most half as many images as it
+                             # trains on per epoch (validation then costs at most a seventh of its epoch: a forward pass
+                             # is a third of a training step). At 3,000 training images an epoch, validating on all 4,982
+                             # was over a third of every explored epoch
+VAL_SUBSET_FLOOR = 2000      # ... and on at least this many (images): near 50% accuracy the standard error stays ~1 point,
+                             # well below the gaps between configurations after a few epochs
 
 # Samplers and pruners (search/sampling.py).
 TPE_STARTUP = (3, 10, 3)  # TPE's start-up trials: target // 3, at least 3 and at most 10 (trials); in a new study of

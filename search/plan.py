@@ -6,6 +6,8 @@ the parent run records them. `exploration_pays` asks whether one trial of the de
 the fidelity (`min_epochs`) fits in exploration's share of the budget; when it does not, exploring would
 spend the budget on one truncated trial, so the run says so and trains the default for the whole budget.
 `explored_fidelity` prices each explored trial when the space counts rungs in work (`fidelity.resource: cost`).
+In a run that refits, explored trials are screens: they validate (on `fidelity.val_subset` of the validation
+images) but answer no test split; the refit's rounds are the models, and they are tested (`screens_only`).
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ import logging
 from dataclasses import asdict, dataclass
 
 from search import space as spaces
-from search.config import EXPLORED_TRIALS_WANTED, REFIT_EPOCH_MARGIN, REFIT_MIN_EPOCHS, TRAIN_SUBSET_FLOOR
+from search.config import (EXPLORED_TRIALS_WANTED, REFIT_EPOCH_MARGIN, REFIT_MIN_EPOCHS, TRAIN_SUBSET_FLOOR,
+                           VAL_SUBSET_FLOOR, VAL_SUBSET_RATIO)
 from search.fidelity import TrialFidelity, explored_params, trial_fidelity
 from search.setup import RunSetup, dataset_at, runner_options
 
@@ -31,9 +34,10 @@ class Speed:
     train_gflops: float
     precision: str
     epoch_seconds: float         # one epoch of the default on the run's data, validation included
-    setup_seconds: float         # tracing (as measured) and the test pass, once per trial
+    setup_seconds: float         # tracing (as measured) and the evaluation, once per tested trial
     train_images: int = 0        # the run's training split
     val_images: int = 0          # the run's validation split
+    evaluation_seconds: float = 0.0  # a tested trial's answers on test and validation (mirror views included)
 
 
 def measure_machine(setup: RunSetup, precision: str) -> Speed:
@@ -43,10 +47,10 @@ def measure_machine(setup: RunSetup, precision: str) -> Speed:
     measured, sizes = measure(setup, spaces.default_params(setup.space))
     rate = measured["images_per_second"]
     epoch = epoch_seconds(sizes, rate)
+    evaluation = evaluation_seconds(sizes, rate, spaces.default_params(setup.space))
     speed = Speed(matmul_gflops(), rate, measured["mflops_per_image"], measured["train_gflops"], precision,
-                  epoch_seconds=epoch,
-                  setup_seconds=measured.get("trace_seconds", 0.0) + VALIDATION_COST * sizes["test"] / rate,
-                  train_images=sizes["train"], val_images=sizes["val"])
+                  epoch_seconds=epoch, setup_seconds=measured.get("trace_seconds", 0.0) + evaluation,
+                  train_images=sizes["train"], val_images=sizes["val"], evaluation_seconds=evaluation)
     log.info(f"machine: {speed.matmul_gflops:.0f} GFLOP/s float32 matmul; the space's default trains at "
              f"{rate:.0f} images/s ({speed.train_gflops:.1f} GFLOP/s, {speed.mflops_per_image:.0f} MFLOP per image, "
              f"{precision}): ~{epoch:.0f} s per epoch of {sizes['train']:,} images")
@@ -76,6 +80,25 @@ def epoch_seconds(sizes: dict, images_per_second: float) -> float:
     return (sizes["train"] + VALIDATION_COST * sizes["val"]) / images_per_second * REFIT_EPOCH_MARGIN
 
 
+def evaluation_seconds(sizes: dict, images_per_second: float, params: dict) -> float:
+    """A tested trial's answers on the test and validation splits (two views each with `test_time_flip`), from
+    its training rate."""
+    views = 2 if params.get("test_time_flip") else 1
+    return VALIDATION_COST * views * (sizes["test"] + sizes["val"]) / images_per_second
+
+
+def screens_only(setup) -> bool:
+    """Whether explored trials skip the test split: in a run that refits, unless a constraint needs their
+    inference time (--max-inference-ms) or the runner cannot test a saved model later (`evaluate_saved`, for a
+    best trial the refit did not replace)."""
+    return bool(setup.refit) and setup.config.max_inference_ms is None and hasattr(setup.runner, "evaluate_saved")
+
+
+def explored_overhead(setup, speed: Speed) -> float:
+    """What an explored trial pays besides its epochs: tracing, and the evaluation unless it is a screen."""
+    return speed.setup_seconds - (speed.evaluation_seconds if screens_only(setup) else 0.0)
+
+
 def metrics_of(speed: Speed) -> dict:
     """The measurement as parent-run metrics (the precision goes in a tag)."""
     return {f"machine_{k}": v for k, v in asdict(speed).items() if k != "precision"}
@@ -84,7 +107,7 @@ def metrics_of(speed: Speed) -> dict:
 def exploration_pays(setup: RunSetup, speed: Speed, explore_seconds: float) -> tuple[bool, float]:
     """(whether one trial of the default at the first rung fits in exploration's share, that trial's seconds)."""
     first_rung = setup.space.fidelity.get("min_epochs", 1)
-    seconds = speed.setup_seconds + first_rung * speed.epoch_seconds
+    seconds = explored_overhead(setup, speed) + first_rung * speed.epoch_seconds
     return seconds <= explore_seconds, seconds
 
 
@@ -98,18 +121,33 @@ def exploration_fraction(setup: RunSetup, speed: Speed | None, explore_seconds: 
         return None if wanted >= 1 else float(wanted)
     if not speed or not explore_seconds or not speed.train_images:
         return None
-    per_trial = explore_seconds / EXPLORED_TRIALS_WANTED - speed.setup_seconds
+    per_trial = explore_seconds / EXPLORED_TRIALS_WANTED - explored_overhead(setup, speed)
     per_epoch = per_trial / setup.space.fidelity.get("min_epochs", 1) / REFIT_EPOCH_MARGIN
     images = per_epoch * speed.images_per_second - VALIDATION_COST * speed.val_images
     fraction = max(images / speed.train_images, TRAIN_SUBSET_FLOOR)
     return None if fraction >= 1 else fraction
 
 
-def measured_epoch_seconds(setup: RunSetup, params: dict) -> float:
-    """One epoch of a configuration on every training image, planned from a few timed training steps of it:
-    for a refit of a trial explored on part of the images."""
+def explored_val_images(setup, speed: Speed | None, fraction: float | None) -> int | None:
+    """How many validation images an explored trial of a run that refits validates on per epoch (None: all), from
+    the space's `fidelity.val_subset`: a fraction, or `auto`: VAL_SUBSET_RATIO of the images it trains on per epoch,
+    at least VAL_SUBSET_FLOOR. Every explored trial gets the same ones; the refit validates on them all."""
+    wanted = setup.space.fidelity.get("val_subset", 1.0)
+    if not setup.refit or not speed or not speed.val_images or wanted == 1:
+        return None
+    if wanted == "auto":
+        images = max(VAL_SUBSET_FLOOR, int(VAL_SUBSET_RATIO * speed.train_images * (fraction or 1.0)))
+    else:
+        images = max(1, int(wanted * speed.val_images))
+    return images if images < speed.val_images else None
+
+
+def measured_refit_seconds(setup: RunSetup, params: dict) -> tuple[float, float]:
+    """(one epoch on every training image, the evaluation) of a configuration, planned from a few timed training
+    steps of it: for a refit of a trial explored on part of the images, or not tested."""
     measured, sizes = measure(setup, params)
-    return epoch_seconds(sizes, measured["images_per_second"])
+    rate = measured["images_per_second"]
+    return epoch_seconds(sizes, rate), evaluation_seconds(sizes, rate, params)
 
 
 def full_epoch_seconds(trial_epoch_seconds: float, train_images: int, full_images: int, val_images: int) -> float:
@@ -126,14 +164,14 @@ def derived_max_mflops(setup: RunSetup, speed: Speed, refit_seconds: float, expl
     share over EXPLORED_TRIALS_WANTED; never below the default's own cost, so the default is always allowed."""
     refit_epoch = refit_seconds / REFIT_MIN_EPOCHS
     first_rung = setup.space.fidelity.get("min_epochs", 1) * speed.epoch_seconds * (fraction or 1.0)
-    trial = explore_seconds / EXPLORED_TRIALS_WANTED - speed.setup_seconds
+    trial = explore_seconds / EXPLORED_TRIALS_WANTED - explored_overhead(setup, speed)
     ratio = min(refit_epoch / speed.epoch_seconds, trial / first_rung)
     return speed.mflops_per_image * max(1.0, ratio)
 
 
 def epochs_for(speed: Speed, seconds: float) -> int:
     """Epochs of the default that fill `seconds` (at least one)."""
-    return max(1, int((seconds - speed.setup_seconds) // speed.epoch_seconds))
+    return max(1, int((seconds - speed.setup_seconds) // speed.epoch_seconds))  # the default's refit is tested
 
 
 def at_exploration_fidelity(setup, params: dict) -> dict:

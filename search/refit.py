@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 from search import space as spaces
 from search import tracking
 from search.config import PLAN_SLACK, REFIT_EPOCH_MARGIN, REFIT_ROUND_END
-from search.plan import full_epoch_seconds, measured_epoch_seconds
+from search.plan import full_epoch_seconds, measured_refit_seconds
 from search.recovery import DiscardCheckpoint
 from search.sampling import feasible
 
@@ -74,8 +74,10 @@ def one_epoch_fits(best: optuna.trial.FrozenTrial, remaining: float) -> bool:
 
 
 def setup_seconds(trial: optuna.trial.FrozenTrial) -> float:
-    """What a trial spent besides training: building its model and the test pass."""
-    return max(0.0, (trial.user_attrs.get("trial_seconds") or 0.0) - (trial.user_attrs.get("train_seconds") or 0.0))
+    """What a refit of `trial` spends besides training: building its model (as the trial did) and the evaluation
+    (as the trial's, or, for a screen that was not tested, as planned from timed steps)."""
+    spent = max(0.0, (trial.user_attrs.get("trial_seconds") or 0.0) - (trial.user_attrs.get("train_seconds") or 0.0))
+    return spent + trial.user_attrs.get("refit_evaluation_seconds", 0.0)
 
 
 def refit_rounds(best: optuna.trial.FrozenTrial, timeout: float, elapsed: float, remaining: float) -> list[float]:
@@ -109,12 +111,14 @@ def refit_best(setup, parent: str, objective, remaining: float, elapsed: float =
         log.info(f"refit: skipped, trial {best.number} recorded no epoch timings")
         return
     if ((best.user_attrs.get("train_images") or 0) < (best.user_attrs.get("full_train_images") or 0)
-            or best.user_attrs.get("cheaper_fidelity")):
-        # explored on part of the images (or smaller ones, or a narrower model): its epochs say little of a full
-        # one, a few timed steps say more
+            or best.user_attrs.get("cheaper_fidelity") or best.user_attrs.get("test_accuracy") is None):
+        # explored on part of the images (or smaller ones, or a narrower model), or not tested: its epochs say
+        # little of a full one and nothing of the evaluation, a few timed steps say more
         best = copy.deepcopy(best)  # a finished trial is read-only in the study: the plan lives on this copy
-        best.user_attrs["refit_epoch_seconds"] = measured_epoch_seconds(
-            setup, spaces.complete_params(setup.space, best.params))
+        epoch, evaluation = measured_refit_seconds(setup, spaces.complete_params(setup.space, best.params))
+        best.user_attrs["refit_epoch_seconds"] = epoch
+        if best.user_attrs.get("test_accuracy") is None:
+            best.user_attrs["refit_evaluation_seconds"] = evaluation
     if not one_epoch_fits(best, remaining):  # its first epoch would end past the budget and teach nothing new
         log.info(f"refit: skipped, one epoch of trial {best.number}'s configuration (~{one_epoch_seconds(best):.0f} s) "
                  f"does not fit in the {remaining:.0f} s left")

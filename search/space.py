@@ -209,16 +209,18 @@ def is_share(value: Any) -> bool:
 def check_fidelity(fidelity: dict, where: str) -> None:
     """The resource trials are pruned on (epochs or cost), the fewest epochs a trial runs, Hyperband's reduction
     factor, and the shares of the training images, image side and width an explored trial trains at."""
-    unknown(fidelity, {"resource", "min_epochs", "reduction_factor", "train_subset", "image_size", "width"}, where)
+    unknown(fidelity, {"resource", "min_epochs", "reduction_factor", "train_subset", "val_subset", "image_size",
+                       "width"}, where)
     for key in ("image_size", "width"):  # exploration's share of the side and of the filters (search/fidelity.py)
         share = fidelity.get(key, 1.0)
         if not is_share(share):
             raise SpaceError(f"{where}.{key}: the share explored trials train at, in (0, 1] (the refit trains at "
                              f"the full {key.replace('_', ' ')}), got {share!r}")
-    subset = fidelity.get("train_subset", 1.0)
-    if subset != "auto" and not is_share(subset):
-        raise SpaceError(f"{where}.train_subset: auto (planned from the machine's measured speed) or a fraction of "
-                         f"the training images in (0, 1], got {subset!r}")
+    for key, images in (("train_subset", "training"), ("val_subset", "validation")):
+        subset = fidelity.get(key, 1.0)
+        if subset != "auto" and not is_share(subset):
+            raise SpaceError(f"{where}.{key}: auto (planned from the machine's measured speed) or a fraction of "
+                             f"the {images} images in (0, 1], got {subset!r}")
     if fidelity.get("resource", "epochs") not in RESOURCES:
         raise SpaceError(f"{where}.resource: epochs or cost (training images x MFLOP, search/fidelity.py), "
                          f"got {fidelity['resource']!r}")

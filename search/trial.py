@@ -6,7 +6,7 @@ A driver (Optuna, Keras Tuner) decides what to train and fills a TrialPlan; `run
     metrics = run_trial(setup, plan, run_id, on_end=..., ranking=...)
 
 `run_trial` trains through the space's runner (runners/protocol.py), logs every epoch, and ends the run
-COMPLETE (summary metrics, test evaluation, the model kept when among the best K), PRUNED (rejected before
+COMPLETE (summary metrics, test evaluation unless the trial is a screen, the model kept when among the best K), PRUNED (rejected before
 training, raised as TrialRejected, or stopped by the pruner), KILLED (Ctrl-C: the checkpoint stays for a
 resume) or FAIL (any other error, re-raised so the driver counts it). `on_end(state, reason)` lets the
 driver record the same end in its own store first.
@@ -56,6 +56,10 @@ class TrialPlan:
                                                    # cheaper fidelity, search/plan.py); None = all
     epoch_work: float = 1.0                        # one epoch's work against one of the default's (a trial's
                                                    # forward MFLOP over the default's, fidelity.resource: cost)
+    val_images: int | None = None                  # validation images per epoch (an explored trial's cheaper
+                                                   # fidelity, search/plan.py); None = all
+    tested: bool = True                            # answers the test split when complete; False: a screen (an
+                                                   # explored trial of a run that refits, search/plan.py)
 
 
 class EpochLog:
@@ -96,7 +100,7 @@ def train_and_record(setup: RunSetup, plan: TrialPlan, run_id: str, logger: Epoc
     import optuna
 
     from runners.callbacks import Deadline, EachEpoch
-    from runners.datasets import with_train_subset
+    from runners.datasets import with_split_subset
     from runners.protocol import ArchitectureError
 
     runner, client = setup.runner, setup.client
@@ -104,13 +108,15 @@ def train_and_record(setup: RunSetup, plan: TrialPlan, run_id: str, logger: Epoc
         data = dataset_at(setup, plan.params["image_size"])
         full_train = len(data.splits["train"][1])
         if plan.train_fraction:
-            data = with_train_subset(data, max(1, int(plan.train_fraction * full_train)))
+            data = with_split_subset(data, "train", max(1, int(plan.train_fraction * full_train)))
+        if plan.val_images:
+            data = with_split_subset(data, "val", plan.val_images)
         if not plan.resumed:
             tracking.log_datasets(client, run_id, data)
         started = time.perf_counter()
         result = runner.train_and_evaluate(
             plan.params, data, epochs=plan.epochs, patience=plan.patience, seed=plan.seed,
-            recipes=setup.space.recipes,
+            recipes=setup.space.recipes, evaluate_test=plan.tested,
             callbacks=([Deadline(plan.deadline)] if plan.deadline else []) + [EachEpoch(logger), plan.progress]
             + plan.callbacks,
             options={**runner_options(setup), "initial_weights": plan.initial_weights}, checkpoint=plan.checkpoint)
@@ -172,8 +178,10 @@ def record_completed(setup: RunSetup, plan: TrialPlan, run_id: str, result, tria
                "budget_fraction": (result.epochs_run + plan.epochs_before) * plan.epoch_work / max(setup.epochs, 1)
                * sizes["train_images"] / max(sizes["full_train_images"], 1)}  # an explored trial's images too
     tracking.log_metrics(setup.client, run_id, metrics)
-    if result.tags:
-        tracking.set_tags(setup.client, run_id, result.tags)
+    tags = {**result.tags, **({} if plan.tested else {"search.test": "not tested: an explored trial (a screen) of "
+                                                      "a run that refits; the refit's rounds are tested"})}
+    if tags:
+        tracking.set_tags(setup.client, run_id, tags)
     keep_model(setup, plan.number, result, others, plan.params)
     labels = data.splits["test"][1]
     setup.background.submit(close_completed_run, setup.client, run_id, labels, result.test_probabilities,
@@ -192,12 +200,38 @@ def keep_model(setup: RunSetup, number: int, result, others: list[tuple[float, i
         folder.mkdir(parents=True, exist_ok=True)
         result.model.save(folder / f"trial-{number}.keras")
         if result.val_probabilities is not None and result.test_probabilities is not None:  # ensemble candidate
-            np.savez(folder / f"trial-{number}.predictions.npz", val=result.val_probabilities,
-                     test=result.test_probabilities, params=np.array(json.dumps(params, default=str)),
-                     size=np.array(int(result.model.input_shape[1])))  # members of one ensemble share an input
+            save_answers(folder, number, result.val_probabilities, result.test_probabilities, params,
+                         int(result.model.input_shape[1]))
     for path in folder.glob("trial-*.*"):
         if int(path.name.split(".")[0].split("-")[1]) not in keep:
             path.unlink()
+
+
+def save_answers(folder: Path, number: int, val, test, params: dict, size: int) -> None:
+    """A kept model's answers on validation and test beside it: what makes it an ensemble candidate."""
+    np.savez(folder / f"trial-{number}.predictions.npz", val=val, test=test,
+             params=np.array(json.dumps(params, default=str)),
+             size=np.array(size))  # members of one ensemble share an input
+
+
+def test_screen(setup: RunSetup, number: int, run_id: str, params: dict) -> dict:
+    """Answer the test split with a screen's kept model after all (the study's best, when no refit round replaced
+    it): its run gets the test metrics and evaluation a tested trial logs, its model the answers beside it; returns
+    the metrics ({} when its model is not kept)."""
+    from search.evaluation import log_evaluation
+
+    path = setup.models / f"trial-{number}.keras"
+    if not path.is_file() or not hasattr(setup.runner, "evaluate_saved"):
+        return {}
+    data = dataset_at(setup, params["image_size"])
+    metrics, test, val = setup.runner.evaluate_saved(path, params, data, options=runner_options(setup))
+    tracking.log_metrics(setup.client, run_id, metrics)
+    tracking.set_tags(setup.client, run_id, {"search.test": "tested after the search: the study's best"})
+    log_evaluation(setup.client, run_id, data.splits["test"][1], test, data.class_names)
+    save_answers(setup.models, number, val, test, params, params["image_size"])
+    log.info(f"trial {number}: the best trial, a screen no refit replaced, tested now: test accuracy "
+             f"{metrics['test_accuracy']:.4f}")
+    return metrics
 
 
 def close_completed_run(client, run_id: str, labels, probabilities, class_names: list[str]) -> None:

@@ -29,7 +29,8 @@ from search.finish import BestTrial, SearchSummary, closed_invocation, finish_in
 from search.recovery import (DiscardCheckpoint, checkpoint_dir, close_retried_run, died_here, recover_stale_trials,
                              retried_trial, take_over_checkpoint, write_trial_file)
 from search.plan import (Speed, at_exploration_fidelity, derived_max_mflops, epochs_for, explored_fidelity,
-                         exploration_fraction, exploration_pays, measure_machine, metrics_of)
+                         explored_val_images, exploration_fraction, exploration_pays, measure_machine, metrics_of,
+                         screens_only)
 from search.refit import refit_best, refit_default
 from search.sampling import (COUNTED, best_value, constraint_values, count, feasible, make_pruner, make_sampler,
                              near_default, parse_objectives, pruner_name, refit_fraction, sampler_seed,
@@ -37,7 +38,7 @@ from search.sampling import (COUNTED, best_value, constraint_values, count, feas
 from search.setup import RunSetup, as_config_error, prepare_run
 from search.stopping import FailureStreak, MemoryWatch, StudyPatience
 from search.stores import find_study, open_storage, optuna_storage_url, redact, trials_in
-from search.trial import TrialPlan, TrialRejected, open_run, run_trial, start_weights
+from search.trial import TrialPlan, TrialRejected, open_run, run_trial, start_weights, test_screen
 
 log = logging.getLogger("search")
 
@@ -51,6 +52,7 @@ class Setup(RunSetup):
     refit: float = 0.0  # fraction of the timeout kept for the refit phase
     speed: Speed | None = None  # what this machine does with the default (time-budgeted runs, search/plan.py)
     explore_fraction: float | None = None  # share of the training images an explored trial trains on (plan.py)
+    explore_val_images: int | None = None  # validation images an explored trial validates on (plan.py); None = all
     default_mflops: float | None = None  # the default's forward cost, the unit of `fidelity.resource: cost`
 
 
@@ -126,7 +128,15 @@ def run_optuna_search(config: SearchConfig) -> SearchSummary:
                              resume=count(study) < setup.target)
         summary.refits = sum(1 for t in study.get_trials(deepcopy=False, states=COUNTED)
                              if t.user_attrs.get("refit_of") is not None)
-        finish_invocation(setup, parent, summary, status, best_trial(study), study)
+        best = best_trial(study)
+        if best is not None and study.trials[best.number].user_attrs.get("test_accuracy") is None:
+            # a screen is the best (no refit round replaced it): the registered model must have a test figure
+            tested = test_screen(setup, best.number, best.run_id,
+                                 at_exploration_fidelity(setup, spaces.complete_params(setup.space, best.params)))
+            for key in ("test_accuracy", "test_top3_accuracy", "inference_ms"):
+                if key in tested:
+                    study._storage.set_trial_user_attr(study.trials[best.number]._trial_id, key, tested[key])
+        finish_invocation(setup, parent, summary, status, best, study)
 
     with closed_invocation(finish):
         optimize(setup, parent, environment, summary)
@@ -263,6 +273,12 @@ def optimize(setup: Setup, parent: str, environment: dict, summary: SearchSummar
         share = f", so that more of them fit in its {explore:.0f} s" if explore else ""
         log.info(f"exploration: explored trials train on {setup.explore_fraction:.0%} of the training images per "
                  f"epoch (the space's fidelity.train_subset){share}; a refit trains on all of them")
+    setup.explore_val_images = explored_val_images(setup, setup.speed, setup.explore_fraction)
+    if setup.explore_val_images:
+        log.info(f"exploration: explored trials validate on {setup.explore_val_images:,} of the "
+                 f"{setup.speed.val_images:,} validation images (the space's fidelity.val_subset); a refit on all")
+    if screens_only(setup):
+        log.info("exploration: explored trials are screens (validation only); the refit's rounds answer the test split")
     cheaper = [f"{share:.0%} of the {key.replace('_', ' ')}" for key, share in setup.space.fidelity.items()
                if key in ("image_size", "width") and share < 1]
     if cheaper:
@@ -345,7 +361,9 @@ def make_objective(setup: Setup, parent: str, environment: dict, summary: Search
             deadline=trial.user_attrs.get("deadline") if not resumed else None,
             initial_weights=start_weights(setup, trial.number, trial.user_attrs.get("continues")),
             epochs_before=trial.user_attrs.get("epochs_before", 0),
-            train_fraction=setup.explore_fraction if refit_of is None else None, epoch_work=fidelity.epoch_work)
+            train_fraction=setup.explore_fraction if refit_of is None else None, epoch_work=fidelity.epoch_work,
+            val_images=setup.explore_val_images if refit_of is None else None,
+            tested=refit_of is not None or not screens_only(setup))
         if resumed:
             run_id = resumed["mlflow_run_id"]
             trial.set_user_attr("resumes", resumed["trial"])
