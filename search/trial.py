@@ -221,7 +221,8 @@ def test_screen(setup: RunSetup, number: int, run_id: str, params: dict) -> dict
     from search.evaluation import log_evaluation
 
     path = setup.models / f"trial-{number}.keras"
-    if not path.is_file() or not hasattr(setup.runner, "evaluate_saved"):
+    if (not path.is_file() or not hasattr(setup.runner, "evaluate_saved")
+            or "test_accuracy" in setup.client.get_run(run_id).data.metrics):  # tested by an earlier invocation
         return {}
     data = dataset_at(setup, params["image_size"])
     metrics, test, val = setup.runner.evaluate_saved(path, params, data, options=runner_options(setup))

@@ -292,7 +292,8 @@ def test_explored_trials_train_on_the_planned_share_of_the_images(tmp_path):
     from search import plan
 
     def fraction(train_subset, speed, explore):
-        setup = SimpleNamespace(space=SimpleNamespace(fidelity={"min_epochs": 1, "train_subset": train_subset}))
+        fidelity = {"min_epochs": 1, "train_subset": train_subset}
+        setup = SimpleNamespace(refit=0.0, space=SimpleNamespace(fidelity=fidelity))  # tested trials
         return plan.exploration_fraction(setup, speed, explore)
 
     fast = plan.Speed(250, 600.0, 268, 480, "bfloat16", 13.0, 6.0, train_images=6000, val_images=5000)
@@ -313,7 +314,7 @@ def test_max_mflops_auto_is_derived_from_the_measured_speed_and_a_slower_machine
     from search import plan
     from search.setup import RunSetup
 
-    setup = SimpleNamespace(space=SimpleNamespace(fidelity={"min_epochs": 1}))
+    setup = SimpleNamespace(refit=0.0, space=SimpleNamespace(fidelity={"min_epochs": 1}))  # tested trials
     fast = plan.Speed(250, 600.0, 268, 480, "bfloat16", 10.0, 2.0, train_images=5400, val_images=600)
     slow = plan.Speed(150, 94.0, 268, 70, "float32", 64.0, 8.0, train_images=5400, val_images=600)
     # a README run: 600 s, 120 s of exploration, 480 s of refit
@@ -342,15 +343,80 @@ def test_a_space_with_a_train_subset_explores_on_part_of_the_images(cifar_dir, t
 
 
 @pytest.mark.slow
-def test_the_refit_of_a_trial_explored_on_half_the_images_plans_from_timed_full_steps(cifar_dir, tmp_path):
-    space = write_space(tmp_path, TINY_SPACE + "fidelity: {resource: epochs, min_epochs: 1, train_subset: 0.5}\n")
+def test_the_refit_of_screens_explored_on_half_the_images_plans_from_timed_full_steps_and_is_tested(cifar_dir,
+                                                                                                   tmp_path):
+    space = write_space(tmp_path, TINY_SPACE + "fidelity: {resource: epochs, min_epochs: 1, train_subset: 0.5, "
+                                               "val_subset: 0.5}\n")
     summary = run_search(SearchConfig(space=str(space), data_dir=str(cifar_dir), workdir=str(tmp_path / "mlruns"),
                                       trials=2, epochs=1, timeout=30, sampler="random"))
     study = optuna.load_study(study_name=summary.study_name, storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
-    refits = [t for t in study.trials if t.user_attrs.get("refit_of") is not None]
+    refits = [t for t in study.trials if t.user_attrs.get("refit_of") is not None and t.state == TrialState.COMPLETE]
     explored = [t for t in study.trials if t.user_attrs.get("refit_of") is None and t.state == TrialState.COMPLETE]
-    assert refits and all(t.user_attrs["train_images"] == 300 for t in refits if t.state == TrialState.COMPLETE)
-    assert explored and all(t.user_attrs["train_images"] == 150 for t in explored)
+    assert refits and all(t.user_attrs["train_images"] == 300 and t.user_attrs["val_images"] == 300 for t in refits)
+    assert explored and all(t.user_attrs["train_images"] == 150 and t.user_attrs["val_images"] == 150
+                            for t in explored)
+    # explored trials are screens: validation only; the refit's rounds are the models, and are tested
+    client = MlflowClient(summary.tracking_uri)
+    for trial in explored:
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert "test_accuracy" not in run.data.metrics and run.data.tags["search.test"].startswith("not tested")
+    assert all(client.get_run(t.user_attrs["mlflow_run_id"]).data.metrics["test_accuracy"] > 0 for t in refits)
+
+
+def test_a_screen_left_the_best_when_the_refit_does_not_run_is_tested_at_the_end(cifar_dir, tmp_path, monkeypatch):
+    from search.drivers import optuna_driver
+
+    monkeypatch.setattr(optuna_driver, "refit_best", lambda *args, **kwargs: None)  # as when no epoch fits
+    space = write_space(tmp_path, TINY_SPACE)
+    summary = run_search(SearchConfig(space=str(space), data_dir=str(cifar_dir), workdir=str(tmp_path / "mlruns"),
+                                      trials=2, epochs=1, timeout=60, sampler="random"))
+    study = optuna.load_study(study_name=summary.study_name, storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
+    best = study.trials[summary.best_trial]
+    assert best.user_attrs.get("refit_of") is None and best.user_attrs.get("test_accuracy") is None  # a screen
+    client = MlflowClient(summary.tracking_uri)
+    run = client.get_run(best.user_attrs["mlflow_run_id"])
+    assert 0 < run.data.metrics["test_accuracy"] <= 1 and run.data.metrics["inference_ms"] > 0
+    assert run.data.tags["search.test"].startswith("tested after the search")
+    assert (tmp_path / "mlruns" / "models" / summary.study_name / f"trial-{best.number}.predictions.npz").is_file()
+    others = [t for t in study.trials if t.state == TrialState.COMPLETE and t.number != best.number]
+    assert others and all("test_accuracy" not in client.get_run(t.user_attrs["mlflow_run_id"]).data.metrics
+                          for t in others)  # the other screens stay untested
+
+
+def test_explored_trials_validate_on_the_planned_share_of_the_validation_images():
+    from types import SimpleNamespace
+
+    from search import plan
+
+    def images(val_subset, speed, fraction, refit=0.8):
+        setup = SimpleNamespace(refit=refit, space=SimpleNamespace(fidelity={"val_subset": val_subset}))
+        return plan.explored_val_images(setup, speed, fraction)
+
+    readme = plan.Speed(250, 600.0, 268, 480, "bfloat16", 13.0, 6.0, train_images=6000, val_images=4982)
+    full = plan.Speed(250, 600.0, 268, 480, "bfloat16", 90.0, 6.0, train_images=45000, val_images=5000)
+    assert images("auto", readme, 0.5) == 2000           # half of 3,000 training images is below the floor
+    assert images("auto", readme, None) == 3000          # half of 6,000
+    assert images("auto", full, 0.5) is None             # half of 22,500 is more than there are: all of them
+    assert images(0.25, readme, 0.5) == 1245 and images(1, readme, 0.5) is None
+    assert images("auto", readme, 0.5, refit=0.0) is None  # without a refit the trials are the models: all
+    assert images("auto", None, 0.5) is None             # nothing measured
+
+
+def test_a_screen_pays_no_evaluation_unless_a_constraint_needs_its_inference_time():
+    from types import SimpleNamespace
+
+    from runners import scratch_cnn
+    from search import plan
+
+    def overhead(refit, max_inference_ms=None):
+        setup = SimpleNamespace(refit=refit, runner=scratch_cnn, config=SimpleNamespace(max_inference_ms=max_inference_ms))
+        return plan.explored_overhead(setup, speed)
+
+    speed = plan.Speed(250, 600.0, 268, 480, "bfloat16", 13.0, 16.0, evaluation_seconds=13.0)
+    assert overhead(0.8) == 3.0                          # a screen: tracing only
+    assert overhead(0.0) == overhead(0.8, max_inference_ms=2.0) == 16.0  # tested: no refit, or a constraint on it
+    sizes = {"test": 6000, "val": 4982}                  # two views of each, a forward pass a third of a step
+    assert plan.evaluation_seconds(sizes, 600.0, {"test_time_flip": True}) == pytest.approx(2 * 10982 / 3 / 600)
 
 
 @pytest.mark.slow

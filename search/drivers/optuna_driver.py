@@ -131,11 +131,9 @@ def run_optuna_search(config: SearchConfig) -> SearchSummary:
         best = best_trial(study)
         if best is not None and study.trials[best.number].user_attrs.get("test_accuracy") is None:
             # a screen is the best (no refit round replaced it): the registered model must have a test figure
-            tested = test_screen(setup, best.number, best.run_id,
-                                 at_exploration_fidelity(setup, spaces.complete_params(setup.space, best.params)))
-            for key in ("test_accuracy", "test_top3_accuracy", "inference_ms"):
-                if key in tested:
-                    study._storage.set_trial_user_attr(study.trials[best.number]._trial_id, key, tested[key])
+            # (a finished Optuna trial cannot be changed: its run in MLflow gets the figures)
+            test_screen(setup, best.number, best.run_id,
+                        at_exploration_fidelity(setup, spaces.complete_params(setup.space, best.params)))
         finish_invocation(setup, parent, summary, status, best, study)
 
     with closed_invocation(finish):
