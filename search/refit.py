@@ -2,8 +2,10 @@
 
 Exploration finds a configuration in short trials; the refit trains it again, unpruned, for as many epochs as
 the time left holds (planned from its measured epoch time, REFIT_EPOCH_MARGIN slower), as one or two rounds
-(the second a warm restart from the first's weights, see REFIT_ROUND_END). Rounds are ordinary trials of the
-study (MLflow run, checkpoints, leaderboard, best model), tagged `refit_of`. Constants: search/config.py.
+(the second a warm restart from the first's weights, see REFIT_ROUND_END). When exploration's best is not the
+space's default, round 1 is a race between the two, each trained for half of it; the winner on validation goes on
+to round 2. Rounds are ordinary trials of the study (MLflow run, checkpoints, leaderboard, best model), tagged
+`refit_of` (and `race`). Constants: search/config.py.
 """
 from __future__ import annotations
 
@@ -95,8 +97,10 @@ def refit_best(setup, parent: str, objective, remaining: float, elapsed: float =
     """Train the best explored configuration once more, for the time exploration left, as one or two trials.
 
     Each round's epoch count (user attr `epochs`) makes its learning-rate schedule span its time; a second
-    round starts from the first one's weights (user attr `continues`), as a warm restart does. Rounds go
-    through the same objective as every trial (MLflow run, checkpoints, leaderboard, best model), unpruned."""
+    round starts from the first one's weights (user attr `continues`), as a warm restart does. With two rounds
+    and a best that is not the space's default, round 1 is a race (see `race`). Rounds go through the same
+    objective as every trial (MLflow run, checkpoints, leaderboard, best model), unpruned."""
+    started = time.monotonic()  # `remaining` counts from here: timing steps below spends some of it
     study = setup.study
     best = best_explored(study)
     if best is None or remaining <= 0:
@@ -110,21 +114,18 @@ def refit_best(setup, parent: str, objective, remaining: float, elapsed: float =
     if refit_plan(best, remaining) is None:
         log.info(f"refit: skipped, trial {best.number} recorded no epoch timings")
         return
-    if ((best.user_attrs.get("train_images") or 0) < (best.user_attrs.get("full_train_images") or 0)
-            or best.user_attrs.get("cheaper_fidelity") or best.user_attrs.get("test_accuracy") is None):
-        # explored on part of the images (or smaller ones, or a narrower model), or not tested: its epochs say
-        # little of a full one and nothing of the evaluation, a few timed steps say more
-        best = copy.deepcopy(best)  # a finished trial is read-only in the study: the plan lives on this copy
-        epoch, evaluation = measured_refit_seconds(setup, spaces.complete_params(setup.space, best.params))
-        best.user_attrs["refit_epoch_seconds"] = epoch
-        if best.user_attrs.get("test_accuracy") is None:
-            best.user_attrs["refit_evaluation_seconds"] = evaluation
+    best = planned_from_steps(setup, best)
+    remaining -= time.monotonic() - started
     if not one_epoch_fits(best, remaining):  # its first epoch would end past the budget and teach nothing new
         log.info(f"refit: skipped, one epoch of trial {best.number}'s configuration (~{one_epoch_seconds(best):.0f} s) "
                  f"does not fit in the {remaining:.0f} s left")
         return
-    started = time.monotonic()
+    started, elapsed = time.monotonic(), elapsed + time.monotonic() - started
     rounds = refit_rounds(best, setup.timeout, elapsed, remaining)
+    rival = default_rival(setup, best) if len(rounds) > 1 else None
+    if rival is not None:  # timing its steps spent some of round 1
+        rounds[0] -= time.monotonic() - started
+        started = time.monotonic()
     previous = None
     for index in range(1, len(rounds) + 1):
         seconds = started + sum(rounds[:index]) - time.monotonic()  # to this round's end, as earlier ones ran
@@ -132,21 +133,89 @@ def refit_best(setup, parent: str, objective, remaining: float, elapsed: float =
             log.info("refit: no second round, " + ("the first did not complete" if previous is None
                                                      else "too little time left for it"))
             return
-        epochs, planned = refit_plan(best, seconds)
-        label = f"round {index} of {len(rounds)}: " if len(rounds) > 1 else ""
-        start = f", starting from trial {previous.number}'s weights" if index > 1 else ""
-        log.info(f"refit: {label}trial {best.number}'s configuration for about {epochs} epochs (~{planned:.0f} s)"
-                 f"{start}; {scheduled(epochs)} scheduled, the schedule ending with the last that fits")
-        tracking.set_tags(setup.client, parent, {"search.refit_of": best.number, "search.refit_epochs": epochs,
-                                                 "search.refit_planned_seconds": round(planned),
-                                                 "search.refit_rounds": len(rounds)})
-        # training stops at the round's end less the test pass, however slow its epochs turn out (Deadline)
-        attrs = {"source": "refit", "refit_of": best.number, "epochs": scheduled(epochs), "refit_round": index,
-                 "deadline": time.time() + seconds - setup_seconds(best)}
-        if previous is not None:
-            attrs.update(continues=previous.number, epochs_before=previous.user_attrs.get("epochs_run", 0)
-                         + previous.user_attrs.get("epochs_before", 0))
-        previous = run_refit_trial(setup, objective, best.params, attrs)
+        if index == 1 and rival is not None:
+            previous, best = race(setup, parent, objective, [best, rival], seconds, len(rounds))
+            continue
+        previous = run_round(setup, parent, objective, best, previous, index, len(rounds), seconds)
+
+
+def planned_from_steps(setup, trial: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial:
+    """`trial`, with a refit's epoch (and, untested, evaluation) seconds timed from a few full training steps when
+    it was explored on part of the images (or smaller ones, or a narrower model), or was not tested: its epochs
+    say little of a full one and nothing of the evaluation."""
+    if not ((trial.user_attrs.get("train_images") or 0) < (trial.user_attrs.get("full_train_images") or 0)
+            or trial.user_attrs.get("cheaper_fidelity") or trial.user_attrs.get("test_accuracy") is None):
+        return trial
+    trial = copy.deepcopy(trial)  # a finished trial is read-only in the study: the plan lives on this copy
+    epoch, evaluation = measured_refit_seconds(setup, spaces.complete_params(setup.space, trial.params))
+    trial.user_attrs["refit_epoch_seconds"] = epoch
+    if trial.user_attrs.get("test_accuracy") is None:
+        trial.user_attrs["refit_evaluation_seconds"] = evaluation
+    return trial
+
+
+def default_rival(setup, best: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial | None:
+    """The explored trial of the space's default configuration, when it completed and is not `best`: the rival
+    `best` races in round 1 (None: no race)."""
+    default = next((t for t in setup.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                    if t.user_attrs.get("source") == "default" and t.user_attrs.get("refit_of") is None), None)
+    if default is None or default.number == best.number or default.params == best.params:
+        return None
+    return planned_from_steps(setup, default) if refit_plan(default, 1.0) is not None else None
+
+
+def race(setup, parent: str, objective, contenders: list, seconds: float, rounds: int):
+    """Round 1 as a race: each contender (the best explored configuration, the space's default) trains for an equal
+    share of the round's time, fully, with its schedule annealed by its end; the one more accurate on validation
+    goes on to round 2. A short comparison favours configurations that learn fast over a few dozen steps (small
+    batches, cheap models: on CIFAR-10 such screens won 4-epoch comparisons and lost their refits by 7-14 points
+    to the default); a few full epochs each, annealed, judge them nearer the refit's horizon.
+    Returns (the winner's round-1 trial, the explored trial it refits), or (None, the best) when none completed."""
+    started = time.monotonic()
+    names = " and ".join(f"trial {c.number}'s" + (" (the space's default)" if c.user_attrs.get("source") == "default"
+                                                   else "") for c in contenders)
+    log.info(f"refit: round 1 of {rounds} is a race: {names} configurations, ~{seconds / len(contenders):.0f} s each; "
+             "the more accurate on validation goes on")
+    finished = []
+    for index, contender in enumerate(contenders, start=1):
+        share = started + seconds * index / len(contenders) - time.monotonic()
+        plan = refit_plan(contender, share)
+        if plan is None or plan[1] > share:
+            log.info(f"refit: trial {contender.number}'s configuration does not fit its share of the race")
+            continue
+        done = run_round(setup, parent, objective, contender, None, 1, rounds, share, race=True)
+        if done is not None:
+            finished.append((done, contender))
+    if not finished:
+        return None, contenders[0]
+    winner, contender = max(finished, key=lambda pair: pair[0].values[0])
+    log.info(f"refit: trial {winner.number} (trial {contender.number}'s configuration) wins the race with validation "
+             f"accuracy {winner.values[0]:.4f}" + "".join(f" against {t.values[0]:.4f} (trial {t.number})"
+                                                         for t, _ in finished if t.number != winner.number))
+    return winner, contender
+
+
+def run_round(setup, parent: str, objective, best, previous, index: int, rounds: int, seconds: float,
+              race: bool = False) -> optuna.trial.FrozenTrial | None:
+    """One refit round of `best`'s configuration ending `seconds` from now (from `previous`'s weights, when given):
+    the trial if it completed, else None."""
+    epochs, planned = refit_plan(best, seconds)
+    label = f"round {index} of {rounds}: " if rounds > 1 else ""
+    start = f", starting from trial {previous.number}'s weights" if previous is not None else ""
+    log.info(f"refit: {label}trial {best.number}'s configuration for about {epochs} epochs (~{planned:.0f} s)"
+             f"{start}; {scheduled(epochs)} scheduled, the schedule ending with the last that fits")
+    tracking.set_tags(setup.client, parent, {"search.refit_of": best.number, "search.refit_epochs": epochs,
+                                             "search.refit_planned_seconds": round(planned),
+                                             "search.refit_rounds": rounds})
+    # training stops at the round's end less the evaluation, however slow its epochs turn out (Deadline)
+    attrs = {"source": "refit", "refit_of": best.number, "epochs": scheduled(epochs), "refit_round": index,
+             "deadline": time.time() + seconds - setup_seconds(best)}
+    if race:
+        attrs["race"] = True
+    if previous is not None:
+        attrs.update(continues=previous.number, epochs_before=previous.user_attrs.get("epochs_run", 0)
+                     + previous.user_attrs.get("epochs_before", 0))
+    return run_refit_trial(setup, objective, best.params, attrs)
 
 
 def scheduled(epochs: int) -> int:

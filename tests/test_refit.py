@@ -71,7 +71,18 @@ def test_a_refit_starting_before_half_the_budget_finishes_a_round_there_then_war
     assert done.returncode == 0, done.stderr
 
     study = optuna.load_study(study_name="tiny-cifar10", storage=f"sqlite:///{workdir}/optuna.db")
-    first, second = sorted((t for t in study.trials if t.user_attrs.get("source") == "refit"), key=lambda t: t.number)
+    refits = [t for t in study.trials if t.user_attrs.get("source") == "refit"]
+    second = next(t for t in refits if t.user_attrs["refit_round"] == 2)
+    first = next(t for t in refits if t.number == second.user_attrs["continues"])
+    raced = [t for t in refits if t.user_attrs.get("race")]
+    best = max((t for t in study.trials if t.state == TrialState.COMPLETE and t.user_attrs.get("refit_of") is None),
+               key=lambda t: t.value)
+    if best.user_attrs.get("source") == "default":  # exploration found nothing better: no race
+        assert not raced and len(refits) == 2
+    else:  # round 1 raced the best against the default; the more accurate on validation went on
+        default = next(t for t in study.trials if t.user_attrs.get("source") == "default")
+        assert sorted(t.user_attrs["refit_of"] for t in raced) == sorted([best.number, default.number])
+        assert first.value == max(t.value for t in raced) and f"wins the race" in done.stdout
     assert first.state == second.state == TrialState.COMPLETE
     assert [first.user_attrs["refit_round"], second.user_attrs["refit_round"]] == [1, 2]
     assert second.params == first.params and second.user_attrs["refit_of"] == first.user_attrs["refit_of"]
@@ -83,11 +94,14 @@ def test_a_refit_starting_before_half_the_budget_finishes_a_round_there_then_war
     started = min(t.datetime_start for t in study.trials)
     assert (first.datetime_complete - started).total_seconds() <= 30 + 3
 
-    # every kept model is an ensemble candidate: its validation and test answers saved beside it, at its input size
+    # every kept refit round is an ensemble candidate: its validation and test answers saved beside it, at its input
+    # size; kept explored trials are screens, without answers
     models = workdir / "models" / "tiny-cifar10"
-    kept = sorted(models.glob("trial-*.keras"))
-    assert len(kept) >= 2
-    for path in kept:
+    rounds = [models / f"trial-{t.number}.keras" for t in refits if (models / f"trial-{t.number}.keras").is_file()]
+    assert len(rounds) >= 2
+    assert not any((models / f"trial-{t.number}.predictions.npz").exists() for t in study.trials
+                   if t.user_attrs.get("refit_of") is None and t.number != study.best_trial.number)
+    for path in rounds:
         saved = np.load(path.with_suffix(".predictions.npz"))
         assert saved["val"].shape[1] == saved["test"].shape[1] == 10 and int(saved["size"]) == 32
         assert np.allclose(saved["val"].sum(axis=1), 1, atol=1e-3)
