@@ -15,6 +15,7 @@ import logging
 from dataclasses import asdict, dataclass
 
 from search import space as spaces
+from search import tracking
 from search.config import (EXPLORED_TRIALS_WANTED, REFIT_EPOCH_MARGIN, REFIT_MIN_EPOCHS, TRAIN_SUBSET_FLOOR,
                            VAL_SUBSET_FLOOR, VAL_SUBSET_RATIO)
 from search.fidelity import TrialFidelity, explored_params, trial_fidelity
@@ -109,6 +110,34 @@ def exploration_pays(setup: RunSetup, speed: Speed, explore_seconds: float) -> t
     first_rung = setup.space.fidelity.get("min_epochs", 1)
     seconds = explored_overhead(setup, speed) + first_rung * speed.epoch_seconds
     return seconds <= explore_seconds, seconds
+
+
+def plan_exploration(setup, parent: str, explore: float | None) -> None:
+    """Settle and say how explored trials train (the Optuna driver's `setup`): their share of the training images,
+    the derived `max_mflops`, their validation images, whether they are screens, their image size and width."""
+    setup.explore_fraction = exploration_fraction(setup, setup.speed, explore)
+    if explore and setup.speed and setup.space.budget.get("max_mflops") == "auto":
+        setup.derived_max_mflops = derived_max_mflops(setup, setup.speed, setup.timeout * setup.refit, explore,
+                                                      setup.explore_fraction)
+        log.info(f"max_mflops: {setup.derived_max_mflops:,.0f} MFLOP per image (auto: what a first-rung trial can "
+                 f"afford of exploration's {explore:.0f} s and a refit of {REFIT_MIN_EPOCHS} epochs of the rest)")
+        tracking.log_metrics(setup.client, parent, {"max_mflops": setup.derived_max_mflops})
+    if setup.explore_fraction:
+        share = f", so that more of them fit in its {explore:.0f} s" if explore else ""
+        log.info(f"exploration: explored trials train on {setup.explore_fraction:.0%} of the training images per "
+                 f"epoch (the space's fidelity.train_subset){share}; a refit trains on all of them")
+    setup.explore_val_images = explored_val_images(setup, setup.speed, setup.explore_fraction)
+    if setup.explore_val_images:
+        log.info(f"exploration: explored trials validate on {setup.explore_val_images:,} of the "
+                 f"{setup.speed.val_images:,} validation images (the space's fidelity.val_subset); a refit on all")
+    if screens_only(setup):
+        log.info("exploration: explored trials are screens (validation only); the refit's rounds answer the test split")
+    cheaper = [f"{share:.0%} of the {key.replace('_', ' ')}" for key, share in setup.space.fidelity.items()
+               if key in ("image_size", "width") and share < 1]
+    if cheaper:
+        log.info(f"exploration: explored trials train at {' and '.join(cheaper)}; the refit at full size and width"
+                 if setup.refit else "fidelity.image_size and width apply to a run that refits (a time budget): "
+                 "every trial of this one trains at full size and width")
 
 
 def exploration_fraction(setup: RunSetup, speed: Speed | None, explore_seconds: float | None) -> float | None:

@@ -21,16 +21,15 @@ from optuna.trial import TrialState
 
 from search import space as spaces
 from search import tracking
-from search.config import (HYPERBAND_FACTOR, OBJECTIVES, REFIT_MIN_EPOCHS, TARGET_WAIT_SECONDS, WARM_START_TRIALS,
+from search.config import (HYPERBAND_FACTOR, OBJECTIVES, TARGET_WAIT_SECONDS, WARM_START_TRIALS,
                            SearchConfig)
 from search.errors import ConfigError, SearchAborted, SurplusTrial
 from search.fidelity import TrialFidelity, pruning_callback
 from search.finish import BestTrial, SearchSummary, closed_invocation, finish_invocation
 from search.recovery import (DiscardCheckpoint, checkpoint_dir, close_retried_run, died_here, recover_stale_trials,
                              retried_trial, take_over_checkpoint, write_trial_file)
-from search.plan import (Speed, at_exploration_fidelity, derived_max_mflops, epochs_for, explored_fidelity,
-                         explored_val_images, exploration_fraction, exploration_pays, measure_machine, metrics_of,
-                         screens_only)
+from search.plan import (Speed, at_exploration_fidelity, epochs_for, explored_fidelity, exploration_pays,
+                         measure_machine, metrics_of, plan_exploration, screens_only)
 from search.refit import refit_best, refit_default
 from search.sampling import (COUNTED, best_value, constraint_values, count, feasible, make_pruner, make_sampler,
                              near_default, parse_objectives, pruner_name, refit_fraction, sampler_seed,
@@ -260,29 +259,7 @@ def optimize(setup: Setup, parent: str, environment: dict, summary: SearchSummar
                           epochs, setup.speed.setup_seconds + epochs * setup.speed.epoch_seconds)
             summary.counted, summary.stopped = count(study), "timeout"
             return
-    setup.explore_fraction = exploration_fraction(setup, setup.speed, explore)
-    if explore and setup.speed and setup.space.budget.get("max_mflops") == "auto":
-        setup.derived_max_mflops = derived_max_mflops(setup, setup.speed, setup.timeout * setup.refit, explore,
-                                                      setup.explore_fraction)
-        log.info(f"max_mflops: {setup.derived_max_mflops:,.0f} MFLOP per image (auto: what a first-rung trial can "
-                 f"afford of exploration's {explore:.0f} s and a refit of {REFIT_MIN_EPOCHS} epochs of the rest)")
-        tracking.log_metrics(setup.client, parent, {"max_mflops": setup.derived_max_mflops})
-    if setup.explore_fraction:
-        share = f", so that more of them fit in its {explore:.0f} s" if explore else ""
-        log.info(f"exploration: explored trials train on {setup.explore_fraction:.0%} of the training images per "
-                 f"epoch (the space's fidelity.train_subset){share}; a refit trains on all of them")
-    setup.explore_val_images = explored_val_images(setup, setup.speed, setup.explore_fraction)
-    if setup.explore_val_images:
-        log.info(f"exploration: explored trials validate on {setup.explore_val_images:,} of the "
-                 f"{setup.speed.val_images:,} validation images (the space's fidelity.val_subset); a refit on all")
-    if screens_only(setup):
-        log.info("exploration: explored trials are screens (validation only); the refit's rounds answer the test split")
-    cheaper = [f"{share:.0%} of the {key.replace('_', ' ')}" for key, share in setup.space.fidelity.items()
-               if key in ("image_size", "width") and share < 1]
-    if cheaper:
-        log.info(f"exploration: explored trials train at {' and '.join(cheaper)}; the refit at full size and width"
-                 if setup.refit else "fidelity.image_size and width apply to a run that refits (a time budget): "
-                 "every trial of this one trains at full size and width")
+    plan_exploration(setup, parent, explore)
     if explore != 0.0:
         study.optimize(objective, n_trials=None, timeout=explore, callbacks=callbacks,
                        catch=(Exception,))  # the runner's release collects garbage once per trial
