@@ -223,14 +223,15 @@ def run_search_arm(arm: str, args: argparse.Namespace) -> tuple[list, dict]:
 
 
 def study_curve(trials, ensembles=()) -> list[tuple[float, float, float]]:
-    """(seconds since the first trial started, best val so far, test accuracy of that model) per completed trial
-    and per ensemble built (`ensembles`: its end, val and test, from ensemble_runs), in time order."""
+    """(seconds since the first trial started, best val so far, test accuracy of that model: NaN for a screen) per
+    completed trial and per ensemble built (`ensembles`: its end, val and test, from ensemble_runs), in time order."""
     starts = [t.datetime_start for t in trials if t.datetime_start]
     if not starts:
         return []
     origin = min(starts)
+    # a screen (an explored trial of a run that refits) answered no test split: its point has no test figure
     events = [((t.datetime_complete - origin).total_seconds(), float(t.value),
-               float(t.user_attrs.get("test_accuracy", math.nan)))
+               float(t.user_attrs.get("test_accuracy") if t.user_attrs.get("test_accuracy") is not None else math.nan))
               for t in trials if t.state.name == "COMPLETE" and t.datetime_complete]
     events += [((ended - origin).total_seconds(), val, test) for ended, val, test in ensembles]
     curve, best = [], None
@@ -428,9 +429,10 @@ def checkpoints(budget: float, dataset: str) -> list[float]:
 
 
 def value_at(curve: list, seconds: float) -> float | None:
-    """Test accuracy of the best-by-validation model at a time (None before the first model)."""
+    """Test accuracy of the best-by-validation model at a time (None before the first model, or while it is a
+    screen, which answered no test split)."""
     before = [row for row in curve if row[0] <= seconds]
-    return before[-1][2] if before else None
+    return before[-1][2] if before and not math.isnan(before[-1][2]) else None
 
 
 def table_text(arms: dict[str, dict], dataset: str) -> str:
