@@ -214,16 +214,15 @@ def save_answers(folder: Path, number: int, val, test, params: dict, size: int) 
              size=np.array(size))  # members of one ensemble share an input
 
 
-def test_screen(setup: RunSetup, number: int, run_id: str, params: dict) -> dict:
+def test_screen(setup: RunSetup, number: int, run_id: str, params: dict) -> None:
     """Answer the test split with a screen's kept model after all (the study's best, when no refit round replaced
-    it): its run gets the test metrics and evaluation a tested trial logs, its model the answers beside it; returns
-    the metrics ({} when its model is not kept)."""
+    it): its run gets the test metrics and evaluation a tested trial logs, its model the answers beside it."""
     from search.evaluation import log_evaluation
 
     path = setup.models / f"trial-{number}.keras"
     if (not path.is_file() or not hasattr(setup.runner, "evaluate_saved")
             or "test_accuracy" in setup.client.get_run(run_id).data.metrics):  # tested by an earlier invocation
-        return {}
+        return
     data = dataset_at(setup, params["image_size"])
     metrics, test, val = setup.runner.evaluate_saved(path, params, data, options=runner_options(setup))
     tracking.log_metrics(setup.client, run_id, metrics)
@@ -232,7 +231,6 @@ def test_screen(setup: RunSetup, number: int, run_id: str, params: dict) -> dict
     save_answers(setup.models, number, val, test, params, params["image_size"])
     log.info(f"trial {number}: the best trial, a screen no refit replaced, tested now: test accuracy "
              f"{metrics['test_accuracy']:.4f}")
-    return metrics
 
 
 def close_completed_run(client, run_id: str, labels, probabilities, class_names: list[str]) -> None:
