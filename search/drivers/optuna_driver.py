@@ -128,7 +128,8 @@ def run_optuna_search(config: SearchConfig) -> SearchSummary:
         summary.refits = sum(1 for t in study.get_trials(deepcopy=False, states=COUNTED)
                              if t.user_attrs.get("refit_of") is not None)
         best = best_trial(study)
-        if best is not None and study.trials[best.number].user_attrs.get("test_accuracy") is None:
+        if (best is not None and summary.stopped != "memory"  # a process replaced for memory: the study goes on
+                and study.trials[best.number].user_attrs.get("test_accuracy") is None):
             # a screen is the best (no refit round replaced it): the registered model must have a test figure
             # (a finished Optuna trial cannot be changed: its run in MLflow gets the figures)
             test_screen(setup, best.number, best.run_id,
