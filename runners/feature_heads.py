@@ -25,6 +25,7 @@ from keras import layers
 
 from runners import features, train
 from runners.backbones import Backbone, Weights, build_backbone, imagenet_classifier, members, preprocessing
+from runners.cpu_forward import CPU_BATCH, cpu_forward
 from runners.datasets import Dataset
 from runners.device import float32_models
 from runners.pipeline import evaluation_batches, one_hot
@@ -35,21 +36,29 @@ from runners.train import TrialResult, fit_callbacks, make_loss, make_optimizer,
 # ---------------------------------------------------------------- the cache, per backbone
 
 
-def embedder(backbone_model: keras.Model, backbone: Backbone, image_size: int, batch_size: int = 64):
-    """A function images (N, H, W, 3) uint8 -> (average-pooled, max-pooled) float32 features."""
+def embedder(backbone_model: keras.Model, backbone: Backbone, image_size: int, batch_size: int = 64,
+             litert: bool = True):
+    """A function images (N, H, W, 3) uint8 -> (average-pooled, max-pooled) float32 features; on a CPU through
+    LiteRT (runners.cpu_forward: twice TensorFlow's rate on an AVX2 CPU) unless `litert` is False."""
     with float32_models():
         inputs = keras.Input((image_size, image_size, 3))
         feature_map = backbone_model(preprocessing(backbone)(inputs), training=False)
         pooled = keras.Model(inputs, [layers.GlobalAveragePooling2D()(feature_map),
                                       layers.GlobalMaxPooling2D()(feature_map)])
+    converted = []  # (forward, batch): the LiteRT conversion, done at the first call (seconds) and kept for all
 
     def embed(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if not converted:
+            batch = min(batch_size, CPU_BATCH)
+            forward = cpu_forward(pooled, batch) if litert else None
+            converted.append((forward, batch) if forward else (pooled.predict_on_batch, batch_size))
+        forward, batch = converted[0]
         labels = np.zeros(len(images), dtype=np.int32)
-        batches = evaluation_batches(images, labels, 1, batch_size, image_size).map(lambda x, y: x)
+        batches = evaluation_batches(images, labels, 1, batch, image_size).map(lambda x, y: x)
         averages, maxima = [], []
         with long_work_bar(len(images), f"embedding with {backbone.name}", "img") as bar:  # minutes on a CPU
             for x in batches:
-                average, maximum = pooled.predict_on_batch(x)
+                average, maximum = forward(x)
                 averages.append(average)
                 maxima.append(maximum)
                 bar.update(len(average))

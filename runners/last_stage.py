@@ -29,6 +29,7 @@ from keras import layers
 
 from runners import features, lite, train
 from runners.backbones import Backbone, Weights
+from runners.cpu_forward import CPU_BATCH, cpu_forward
 from runners.datasets import Dataset
 from runners.feature_heads import (build_frozen_backbone, build_model, compile_model, regularize_toward_start,
                                    test_metrics, train_on_cached_features)
@@ -48,13 +49,20 @@ def activation_key(backbone: Backbone, weights: Weights, data: Dataset) -> str:
 def activation_embedder(prefix: keras.Model, image_size: int, batch_size: int = 32):
     """A function images (N, H, W, 3) uint8 -> (activations before the last stage (N, h, w, c) float16,)."""
 
+    converted = []  # (forward, batch): the LiteRT conversion (runners.cpu_forward), done once at the first call
+
     def embed(images: np.ndarray) -> tuple[np.ndarray]:
-        batches = evaluation_batches(images, np.zeros(len(images), dtype=np.int32), 1, batch_size,
+        if not converted:
+            forward = cpu_forward(prefix, min(batch_size, CPU_BATCH))
+            converted.append((forward, min(batch_size, CPU_BATCH)) if forward
+                             else (lambda x: [prefix.predict_on_batch(x)], batch_size))
+        forward, batch = converted[0]
+        batches = evaluation_batches(images, np.zeros(len(images), dtype=np.int32), 1, batch,
                                      image_size).map(lambda x, y: x)
         parts = []
         with long_work_bar(len(images), f"activations of {prefix.name}", "img") as bar:
             for x in batches:
-                parts.append(np.asarray(prefix.predict_on_batch(x), dtype=np.float16))
+                parts.append(np.asarray(forward(x)[0], dtype=np.float16))
                 bar.update(len(parts[-1]))
         return (np.concatenate(parts),)
 

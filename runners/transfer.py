@@ -211,22 +211,35 @@ def uses_feature_cache(params: dict, weights: list[Weights]) -> bool:
             and all(w.path is not None for w in weights))
 
 
+# (backbone, input size, weights) -> images/s of TensorFlow's forward pass through the backbone here, measured once
+# per process: training through a backbone runs in TensorFlow, while the feature cache embeds through LiteRT, twice
+# as fast on an AVX2 CPU, so the cache's embedding rate would price such training at half its cost
+FORWARD_RATES: dict[tuple, float] = {}
+
+
+def tensorflow_forward_rate(backbone: Backbone, image_size: int, weights: Weights) -> float:
+    """Images/s of a few timed batches through the frozen backbone in TensorFlow, once per process."""
+    from runners.speed import embedding_speed
+
+    key = (backbone, image_size, weights)
+    if key not in FORWARD_RATES:
+        FORWARD_RATES[key] = embedding_speed(frozen_backbone(backbone, image_size, weights),
+                                             image_size)["images_per_second"]
+    return FORWARD_RATES[key]
+
+
 def check_time_left(data: Dataset, backbone: Backbone, weights: Weights, workdir, budget_end: float | None,
                     epochs: int = 1, mode: str = "frozen") -> None:
     """Under a time budget, refuse (as a pruned trial) training through the backbone for `epochs` epochs (for
     `mode` last_stage: its last stage, and the activations' build when they are not cached yet) that would take
     more than TIME_LEFT_SHARE of the time left.
 
-    Priced from the backbone's embedding rate (where its features were cached, else from a few timed batches) and
-    STEP_COST: on a 2-core CPU one epoch through the whole backbone takes minutes to an hour, and a trial that
-    cannot end would take the rest of the budget from the trials that can."""
+    Priced from TensorFlow's forward rate through the backbone (tensorflow_forward_rate) and STEP_COST: on a
+    2-core CPU one epoch through the whole backbone takes minutes to an hour, and a trial that cannot end would
+    take the rest of the budget from the trials that can."""
     if not budget_end:
         return
-    rate = features.cached_rate(workdir, features.cache_key(backbone.name, weights.sha256, data.image_size, data))
-    if not rate:
-        from runners.speed import embedding_speed
-
-        rate = embedding_speed(frozen_backbone(backbone, data.image_size, weights), data.image_size)["images_per_second"]
+    rate = tensorflow_forward_rate(backbone, data.image_size, weights)
     sizes, once, plural = data.sizes(), 0.0, "s" * (epochs > 1)
     if mode == "last_stage":  # photos and mirror images, on the activations (built first when not cached)
         epoch = STEP_COST[mode] * (len(features.VIEWS) * sizes["train"] + sizes["val"]) / rate

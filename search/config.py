@@ -143,6 +143,10 @@ MAX_MFLOPS_UNMEASURED = 300  # `max_mflops: auto` in a run that measured nothing
 # Exploration's fidelity (search/plan.py): with `fidelity.train_subset: auto` a time-budgeted run trains explored
 # trials on a subset of the training images per epoch, sized from the measured speed.
 EXPLORED_TRIALS_WANTED = 12  # first-rung trials exploration's share should hold: TPE learns little from fewer
+MIN_EXPLORED_TRIALS = 4      # first-rung trials of the default that must fit in exploration's share, else the run trains
+                             # the default for the whole budget (search/plan.py): on a 2-core AVX2 CPU (100 images/s) the
+                             # README command's 120 s held one trial, the default itself, and the refit then had 2 minutes
+                             # less for the same configuration
 TRAIN_SUBSET_FLOOR = 0.5     # never fewer than this share of the training images: at a tenth of the default's
                              # 6,000 CIFAR images (3 steps of 256 an epoch) exploration ranked a small MSE model
                              # first and its refit reached 65.6% test against 76.4% explored on every image (one run each)

@@ -3,8 +3,9 @@
 Before the first trial of a time-budgeted run, `measure_machine` times the float32 matmul rate and a few
 training steps of the space's default configuration in the precision the run uses (runners/speed.py), and
 the parent run records them. `exploration_pays` asks whether one trial of the default at the first rung of
-the fidelity (`min_epochs`) fits in exploration's share of the budget; when it does not, exploring would
-spend the budget on one truncated trial, so the run says so and trains the default for the whole budget.
+the fidelity (`min_epochs`) fit MIN_EXPLORED_TRIALS times in exploration's share of the budget; when they do
+not, exploring would spend its share on a trial or two that teach the sampler nothing, so the run says so and
+trains the default for the whole budget.
 `explored_fidelity` prices each explored trial when the space counts rungs in work (`fidelity.resource: cost`).
 In a run that refits, explored trials are screens: they validate (on `fidelity.val_subset` of the validation
 images) but answer no test split; the refit's rounds are the models, and they are tested (`screens_only`).
@@ -16,8 +17,8 @@ from dataclasses import asdict, dataclass
 
 from search import space as spaces
 from search import tracking
-from search.config import (EXPLORED_TRIALS_WANTED, REFIT_EPOCH_MARGIN, REFIT_MIN_EPOCHS, TRAIN_SUBSET_FLOOR,
-                           VAL_SUBSET_FLOOR, VAL_SUBSET_RATIO)
+from search.config import (EXPLORED_TRIALS_WANTED, MIN_EXPLORED_TRIALS, REFIT_EPOCH_MARGIN, REFIT_MIN_EPOCHS,
+                           TRAIN_SUBSET_FLOOR, VAL_SUBSET_FLOOR, VAL_SUBSET_RATIO)
 from search.fidelity import TrialFidelity, explored_params, trial_fidelity
 from search.setup import RunSetup, dataset_at, runner_options
 
@@ -106,10 +107,11 @@ def metrics_of(speed: Speed) -> dict:
 
 
 def exploration_pays(setup: RunSetup, speed: Speed, explore_seconds: float) -> tuple[bool, float]:
-    """(whether one trial of the default at the first rung fits in exploration's share, that trial's seconds)."""
+    """(whether MIN_EXPLORED_TRIALS trials of the default at the first rung fit in exploration's share, one such
+    trial's seconds)."""
     first_rung = setup.space.fidelity.get("min_epochs", 1)
     seconds = explored_overhead(setup, speed) + first_rung * speed.epoch_seconds
-    return seconds <= explore_seconds, seconds
+    return MIN_EXPLORED_TRIALS * seconds <= explore_seconds, seconds
 
 
 def plan_exploration(setup, parent: str, explore: float | None) -> None:

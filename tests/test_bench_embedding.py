@@ -1,13 +1,14 @@
-"""`python -m search.bench embedding`: one row per CPU allocator, each measured in its own process."""
+"""`python -m search.bench embedding`: one row per engine and CPU allocator, each measured in its own process."""
 from search.bench.__main__ import main as bench_main
 
 
-def test_the_embedding_benchmark_prints_a_row_per_allocator_with_rate_and_kernel_time(capsys):
+def test_the_embedding_benchmark_prints_a_row_per_engine_and_allocator_with_rate_and_kernel_time(capsys):
     assert bench_main(["embedding", "--image-size", "64", "--images", "256"]) == 0
     printed = capsys.readouterr().out
     assert "GFLOP/s float32 matmul" in printed and "efficientnet_lite0 at 64 px, 256 random photos" in printed
-    rows = [line for line in printed.splitlines() if line.startswith("| default") or line.startswith("| bfc")]
-    assert len(rows) == 2
+    rows = [line for line in printed.splitlines() if line.startswith(("| tensorflow, default", "| tensorflow, BFC",
+                                                                      "| LiteRT"))]
+    assert len(rows) == 3
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         rate, seconds, user, kernel, faults = (float(c) for c in cells[1:])
@@ -17,4 +18,4 @@ def test_the_embedding_benchmark_prints_a_row_per_allocator_with_rate_and_kernel
 
 def test_a_failing_row_is_an_error_naming_it(capsys):
     assert bench_main(["embedding", "--image-size", "64", "--images", "64", "--backbone", "nosuch"]) == 1
-    assert "the default allocator's process failed" in capsys.readouterr().err
+    assert "the process of the row 'tensorflow, default allocator' failed" in capsys.readouterr().err

@@ -271,8 +271,9 @@ def test_the_progress_line_never_counts_past_the_target_and_its_best_moves():
 @pytest.mark.slow
 def test_a_time_budgeted_run_measures_the_machine_and_logs_it_on_the_parent_run(cifar_dir, tmp_path):
     space = write_space(tmp_path, TINY_SPACE)
+    # exploration's 15 s hold several of the tiny default's trials (a trace and a fraction of a second each)
     summary = run_search(SearchConfig(space=str(space), data_dir=str(cifar_dir), workdir=str(tmp_path / "mlruns"),
-                                      timeout=30, trials=3, epochs=1))
+                                      timeout=30, refit=0.5, trials=3, epochs=1))
     parent = MlflowClient(summary.tracking_uri).get_run(summary.parent_run_id)
     assert parent.data.metrics["machine_matmul_gflops"] > 1 and parent.data.metrics["machine_images_per_second"] > 1
     assert parent.data.metrics["machine_mflops_per_image"] > 0 and parent.data.tags["search.precision"]
@@ -298,6 +299,23 @@ def test_on_a_machine_too_slow_to_explore_the_default_trains_for_the_whole_budge
     parent = MlflowClient(summary.tracking_uri).get_run(summary.parent_run_id)
     assert parent.data.tags["search.exploration"].startswith("skipped")
     assert summary.best_trial == ran[0].number
+
+
+def test_exploration_pays_only_where_its_share_holds_several_first_rung_trials():
+    from types import SimpleNamespace
+
+    from search import plan
+    from search.config import MIN_EXPLORED_TRIALS
+
+    setup = SimpleNamespace(refit=0.8, config=SimpleNamespace(max_inference_ms=None), runner=object(),
+                            space=SimpleNamespace(fidelity={"min_epochs": 1}))
+    # the README command on a 2-core AVX2 CPU (2026-12-06): the default at 100 images/s, ~84 s an epoch of 6,000
+    avx2 = plan.Speed(192, 100.0, 268, 80, "float32", epoch_seconds=84.0, setup_seconds=13.0)
+    pays, one_trial = plan.exploration_pays(setup, avx2, 120)
+    assert one_trial == pytest.approx(97.0) and one_trial < 120 and not pays  # one trial fits, not several
+    assert plan.exploration_pays(setup, avx2, MIN_EXPLORED_TRIALS * 97.0)[0]
+    avx512 = plan.Speed(250, 380.0, 268, 300, "bfloat16", epoch_seconds=17.0, setup_seconds=8.0)
+    assert plan.exploration_pays(setup, avx512, 120)[0]
 
 
 def test_explored_trials_train_on_the_planned_share_of_the_images(tmp_path):

@@ -21,8 +21,8 @@ from optuna.trial import TrialState
 
 from search import space as spaces
 from search import tracking
-from search.config import (HYPERBAND_FACTOR, OBJECTIVES, TARGET_WAIT_SECONDS, WARM_START_TRIALS,
-                           SearchConfig)
+from search.config import (HYPERBAND_FACTOR, MIN_EXPLORED_TRIALS, OBJECTIVES, TARGET_WAIT_SECONDS,
+                           WARM_START_TRIALS, SearchConfig)
 from search.errors import ConfigError, SearchAborted, SurplusTrial
 from search.fidelity import TrialFidelity, pruning_callback
 from search.finish import BestTrial, SearchSummary, closed_invocation, finish_invocation
@@ -249,10 +249,10 @@ def optimize(setup: Setup, parent: str, environment: dict, summary: SearchSummar
     explore = max(0.0, setup.timeout * (1 - setup.refit) - spent) if setup.timeout else None
     if explore and setup.speed and not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         pays, one_trial = exploration_pays(setup, setup.speed, explore)
-        if not pays:  # one truncated trial would be all the search: train the default for the budget instead
+        if not pays:  # a trial or two would be all the search: train the default for the budget instead
             log.info(f"exploration cannot pay on this machine: one trial of the space's default at its first rung "
-                     f"takes ~{one_trial:.0f} s, exploration's share is {explore:.0f} s; training the default for "
-                     "the whole budget instead")
+                     f"takes ~{one_trial:.0f} s, and exploration's {explore:.0f} s hold fewer than "
+                     f"{MIN_EXPLORED_TRIALS}; training the default for the whole budget instead")
             tracking.set_tags(setup.client, parent, {"search.exploration": "skipped: cannot pay on this machine"})
             remaining = setup.timeout - spent
             epochs = epochs_for(setup.speed, remaining)
