@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
+import os
+import sys
 from typing import Callable
 
 import keras
@@ -34,13 +37,15 @@ def cpu_forward(model, batch_size: int) -> Callable[[np.ndarray], list[np.ndarra
     widths = [int(output.shape[-1]) for output in model.outputs]
     if len(widths) > 1:  # one output tensor, so the interpreter's output order cannot mix the model's outputs up
         model = keras.Model(model.inputs, keras.layers.Concatenate()(model.outputs))
-    with contextlib.redirect_stdout(io.StringIO()):  # Keras's export prints every captured tensor
-        # (a converted tf.function of the model, from_concrete_functions, computed NaN everywhere)
+    # Keras's export prints every captured tensor and TensorFlow logs where it wrote the model: not for the console
+    # (a converted tf.function of the model, from_concrete_functions, computed NaN everywhere)
+    with contextlib.redirect_stdout(io.StringIO()), logger_level("tensorflow", logging.WARNING):
         converted = tf.lite.TFLiteConverter.from_keras_model(model).convert()
-    interpreter = Interpreter(model_content=converted, num_threads=cpu_count())
-    source = interpreter.get_input_details()[0]["index"]
-    interpreter.resize_tensor_input(source, [batch_size, *model.inputs[0].shape[1:]])
-    interpreter.allocate_tensors()
+    with native_stderr_silenced():  # LiteRT's own line announcing its XNNPACK delegate
+        interpreter = Interpreter(model_content=converted, num_threads=cpu_count())
+        source = interpreter.get_input_details()[0]["index"]
+        interpreter.resize_tensor_input(source, [batch_size, *model.inputs[0].shape[1:]])
+        interpreter.allocate_tensors()
     target = interpreter.get_output_details()[0]["index"]
     splits = np.cumsum(widths)[:-1]
 
@@ -54,3 +59,29 @@ def cpu_forward(model, batch_size: int) -> Callable[[np.ndarray], list[np.ndarra
         return np.split(interpreter.get_tensor(target)[:n], splits, axis=-1)
 
     return forward
+
+
+@contextlib.contextmanager
+def logger_level(name: str, level: int):
+    """The Python logger `name` at `level` inside the block."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+
+
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """Inside the block, what native code writes to the process's stderr (file descriptor 2) goes nowhere."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

@@ -36,6 +36,12 @@ from runners.train import TrialResult, fit_callbacks, make_loss, make_optimizer,
 # ---------------------------------------------------------------- the cache, per backbone
 
 
+# (backbone model, input size, batch) -> the LiteRT forward pass of its pooling model (None on a GPU), converted
+# once per process (seconds each): the feature cache embeds each split and view, and studies and tests embed one
+# shared frozen backbone (frozen_backbone) again and again
+CPU_FORWARDS: dict[tuple, object] = {}
+
+
 def embedder(backbone_model: keras.Model, backbone: Backbone, image_size: int, batch_size: int = 64,
              litert: bool = True):
     """A function images (N, H, W, 3) uint8 -> (average-pooled, max-pooled) float32 features; on a CPU through
@@ -45,13 +51,15 @@ def embedder(backbone_model: keras.Model, backbone: Backbone, image_size: int, b
         feature_map = backbone_model(preprocessing(backbone)(inputs), training=False)
         pooled = keras.Model(inputs, [layers.GlobalAveragePooling2D()(feature_map),
                                       layers.GlobalMaxPooling2D()(feature_map)])
-    converted = []  # (forward, batch): the LiteRT conversion, done at the first call (seconds) and kept for all
+    converted = []  # (forward, batch), settled at the first call
 
     def embed(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if not converted:
-            batch = min(batch_size, CPU_BATCH)
-            forward = cpu_forward(pooled, batch) if litert else None
-            converted.append((forward, batch) if forward else (pooled.predict_on_batch, batch_size))
+            key = (backbone_model, image_size, min(batch_size, CPU_BATCH))
+            if litert and key not in CPU_FORWARDS:
+                CPU_FORWARDS[key] = cpu_forward(pooled, key[2])
+            forward = CPU_FORWARDS.get(key) if litert else None
+            converted.append((forward, key[2]) if forward else (pooled.predict_on_batch, batch_size))
         forward, batch = converted[0]
         labels = np.zeros(len(images), dtype=np.int32)
         batches = evaluation_batches(images, labels, 1, batch, image_size).map(lambda x, y: x)

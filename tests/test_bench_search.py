@@ -70,7 +70,8 @@ def test_every_arm_runs_and_saves_its_curve_facts_table_and_plot(benchmark):
     for arm in ("baseline", "reference"):
         facts = json.loads((out / f"{arm}.json").read_text())
         assert float(read_curve(out / f"{arm}.csv")[-1]["elapsed_seconds"]) <= BUDGET * 1.5
-        assert facts["epochs"] >= 1 and 2 <= facts["epochs_run"] <= facts["epochs"] + 1  # the timed one, then the rest
+        # the timed one, then the rest (on a slow CPU under load the timed one may take the whole budget)
+        assert facts["epochs"] >= 1 and 1 <= facts["epochs_run"] <= facts["epochs"] + 1
     reference = json.loads((out / "reference.json").read_text())["params"]
     assert reference["architecture"] == "reference_cifar" and reference["optimizer"] == "adamw"
     assert json.loads((out / "random.json").read_text())["study"].startswith("bench-search-random-")
