@@ -229,6 +229,9 @@ def exit_quietly_on_ctrl_c() -> None:
 
 
 if __name__ == "__main__":
-    code = main()
+    try:
+        code = main()
+    except KeyboardInterrupt:  # a press that lands after main() handled one: Python would end by SIGINT, not 130
+        code = 130
     exit_quietly_on_ctrl_c()
     sys.exit(code)
