@@ -23,6 +23,39 @@ import tensorflow as tf
 from runners.device import cpu_count
 
 CPU_BATCH = 8  # images per LiteRT call (see above)
+CONVERSION_PAYS_AT = 1000  # images at 288 px (work grows with the pixels) from which converting pays: Lite0's
+                           # conversion takes about 9 s on AVX2, and each image then costs 11 ms less (45 against 93
+                           # images/s); a test's few dozen photos at 64 px embed in TensorFlow in a second
+
+# (caller's key, batch) -> a LiteRT forward pass (None on a GPU), converted once per process: a conversion takes
+# seconds, and studies and tests embed one shared frozen backbone (feature_heads.frozen_backbone) again and again
+CONVERSIONS: dict[tuple, Callable | None] = {}
+
+
+def forward_in_batches(model, batch_size: int, images: int, image_size: int, *, litert: bool | None = None,
+                       key=None) -> tuple[Callable, int]:
+    """(forward, batch): model's forward pass, a batch of images -> its outputs as arrays, and the batch size to
+    call it with, for `images` images of `image_size` pixels. On a CPU LiteRT's (batches of at most CPU_BATCH; the
+    conversion kept for the process under `key` when one is given) where `litert` says so, or, when it is None,
+    where a conversion is kept or one pays for these images (conversion_pays); else TensorFlow's."""
+    batch = min(batch_size, CPU_BATCH)
+    if litert is None:
+        litert = (key, batch) in CONVERSIONS or conversion_pays(images, image_size)
+    if litert:
+        if key is None:
+            forward = cpu_forward(model, batch)
+        else:
+            if (key, batch) not in CONVERSIONS:
+                CONVERSIONS[(key, batch)] = cpu_forward(model, batch)
+            forward = CONVERSIONS[(key, batch)]
+        if forward is not None:
+            return forward, batch
+    return (lambda x: [np.asarray(y) for y in keras.tree.flatten(model.predict_on_batch(x))]), batch_size
+
+
+def conversion_pays(images: int, image_size: int) -> bool:
+    """Whether LiteRT's conversion of a backbone costs less than it saves over TensorFlow for these images."""
+    return images * (image_size / 288) ** 2 >= CONVERSION_PAYS_AT
 
 
 def cpu_forward(model, batch_size: int) -> Callable[[np.ndarray], list[np.ndarray]] | None:

@@ -25,7 +25,7 @@ from keras import layers
 
 from runners import features, train
 from runners.backbones import Backbone, Weights, build_backbone, imagenet_classifier, members, preprocessing
-from runners.cpu_forward import CPU_BATCH, cpu_forward
+from runners.cpu_forward import forward_in_batches
 from runners.datasets import Dataset
 from runners.device import float32_models
 from runners.pipeline import evaluation_batches, one_hot
@@ -36,43 +36,36 @@ from runners.train import TrialResult, fit_callbacks, make_loss, make_optimizer,
 # ---------------------------------------------------------------- the cache, per backbone
 
 
-# (backbone model, input size, batch) -> the LiteRT forward pass of its pooling model (None on a GPU), converted
-# once per process (seconds each): the feature cache embeds each split and view, and studies and tests embed one
-# shared frozen backbone (frozen_backbone) again and again
-CPU_FORWARDS: dict[tuple, object] = {}
-
-
 def embedder(backbone_model: keras.Model, backbone: Backbone, image_size: int, batch_size: int = 64,
-             litert: bool = True):
+             litert: bool | None = None):
     """A function images (N, H, W, 3) uint8 -> (average-pooled, max-pooled) float32 features; on a CPU through
-    LiteRT (runners.cpu_forward: twice TensorFlow's rate on an AVX2 CPU) unless `litert` is False."""
+    LiteRT (runners.cpu_forward: twice TensorFlow's rate on an AVX2 CPU) where its conversion pays, or as `litert`
+    says."""
     with float32_models():
         inputs = keras.Input((image_size, image_size, 3))
         feature_map = backbone_model(preprocessing(backbone)(inputs), training=False)
         pooled = keras.Model(inputs, [layers.GlobalAveragePooling2D()(feature_map),
                                       layers.GlobalMaxPooling2D()(feature_map)])
-    converted = []  # (forward, batch), settled at the first call
 
     def embed(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if not converted:
-            key = (backbone_model, image_size, min(batch_size, CPU_BATCH))
-            if litert and key not in CPU_FORWARDS:
-                CPU_FORWARDS[key] = cpu_forward(pooled, key[2])
-            forward = CPU_FORWARDS.get(key) if litert else None
-            converted.append((forward, key[2]) if forward else (pooled.predict_on_batch, batch_size))
-        forward, batch = converted[0]
-        labels = np.zeros(len(images), dtype=np.int32)
-        batches = evaluation_batches(images, labels, 1, batch, image_size).map(lambda x, y: x)
-        averages, maxima = [], []
-        with long_work_bar(len(images), f"embedding with {backbone.name}", "img") as bar:  # minutes on a CPU
-            for x in batches:
-                average, maximum = forward(x)
-                averages.append(average)
-                maxima.append(maximum)
-                bar.update(len(average))
-        return np.concatenate(averages), np.concatenate(maxima)
+        forward = forward_in_batches(pooled, batch_size, len(images), image_size, litert=litert,
+                                     key=(backbone_model, image_size))
+        return outputs_over(images, forward, image_size, f"embedding with {backbone.name}")
 
     return embed
+
+
+def outputs_over(images: np.ndarray, forward: tuple, image_size: int, description: str,
+                 dtype=np.float32) -> tuple[np.ndarray, ...]:
+    """forward's outputs (runners.cpu_forward.forward_in_batches) for all images, batch by batch, as `dtype`."""
+    step, batch = forward
+    batches = evaluation_batches(images, np.zeros(len(images), dtype=np.int32), 1, batch, image_size)
+    parts = []
+    with long_work_bar(len(images), description, "img") as bar:  # minutes on a CPU
+        for x, _ in batches:
+            parts.append([np.asarray(output, dtype=dtype) for output in step(x)])
+            bar.update(len(parts[-1][0]))
+    return tuple(np.concatenate(outputs) for outputs in zip(*parts))
 
 
 # (backbone, input size, weights, dtype policy) -> its frozen model, built once per process: a build with its

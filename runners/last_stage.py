@@ -29,12 +29,11 @@ from keras import layers
 
 from runners import features, lite, train
 from runners.backbones import Backbone, Weights
-from runners.cpu_forward import CPU_BATCH, cpu_forward
+from runners.cpu_forward import forward_in_batches
 from runners.datasets import Dataset
-from runners.feature_heads import (build_frozen_backbone, build_model, compile_model, regularize_toward_start,
-                                   test_metrics, train_on_cached_features)
-from runners.pipeline import evaluation_batches, one_hot
-from runners.progress import long_work_bar
+from runners.feature_heads import (build_frozen_backbone, build_model, compile_model, outputs_over,
+                                   regularize_toward_start, test_metrics, train_on_cached_features)
+from runners.pipeline import one_hot
 from runners.protocol import ArchitectureError
 from runners.train import TrialResult, fit_callbacks, result_of
 
@@ -49,22 +48,12 @@ def activation_key(backbone: Backbone, weights: Weights, data: Dataset) -> str:
 def activation_embedder(prefix: keras.Model, image_size: int, batch_size: int = 32):
     """A function images (N, H, W, 3) uint8 -> (activations before the last stage (N, h, w, c) float16,)."""
 
-    converted = []  # (forward, batch): the LiteRT conversion (runners.cpu_forward), done once at the first call
+    settled = []  # (forward, batch), settled at the first call (the training split) for every split and view
 
     def embed(images: np.ndarray) -> tuple[np.ndarray]:
-        if not converted:
-            forward = cpu_forward(prefix, min(batch_size, CPU_BATCH))
-            converted.append((forward, min(batch_size, CPU_BATCH)) if forward
-                             else (lambda x: [prefix.predict_on_batch(x)], batch_size))
-        forward, batch = converted[0]
-        batches = evaluation_batches(images, np.zeros(len(images), dtype=np.int32), 1, batch,
-                                     image_size).map(lambda x, y: x)
-        parts = []
-        with long_work_bar(len(images), f"activations of {prefix.name}", "img") as bar:
-            for x in batches:
-                parts.append(np.asarray(forward(x)[0], dtype=np.float16))
-                bar.update(len(parts[-1]))
-        return (np.concatenate(parts),)
+        if not settled:
+            settled.append(forward_in_batches(prefix, batch_size, len(images), image_size))
+        return outputs_over(images, settled[0], image_size, f"activations of {prefix.name}", dtype=np.float16)
 
     return embed
 

@@ -157,15 +157,18 @@ def test_the_cache_holds_each_photos_mirror_image_features_too(dogs_dir, workdir
 
 
 def test_on_a_cpu_the_cache_embeds_through_litert_with_the_features_tensorflow_computes(dogs_dir, workdir):
-    from runners.cpu_forward import cpu_forward
+    from runners.cpu_forward import CONVERSIONS, conversion_pays
 
     data = small_dogs(dogs_dir, workdir, image_size=64, subset=12)
     lite0 = BACKBONES["efficientnet_lite0"]
     backbone_model = transfer.frozen_backbone(lite0, 64, resolve_weights(lite0, 64, None))
-    assert cpu_forward(backbone_model, 8) is not None  # LiteRT is installed and this is a CPU
     images = data.splits["val"][0]
     assert len(images) % 8  # a last batch padded to the converted shape
-    through_litert = transfer.embedder(backbone_model, lite0, 64, batch_size=8)(images)
+    transfer.embedder(backbone_model, lite0, 64, batch_size=8)(images)  # a few photos: TensorFlow, no conversion
+    assert ((backbone_model, 64), 8) not in CONVERSIONS
+    assert not conversion_pays(len(images), 64) and conversion_pays(12_000, 288) and conversion_pays(30_000, 64)
+    through_litert = transfer.embedder(backbone_model, lite0, 64, batch_size=8, litert=True)(images)
+    assert CONVERSIONS[((backbone_model, 64), 8)] is not None  # LiteRT is installed and this is a CPU
     through_tensorflow = transfer.embedder(backbone_model, lite0, 64, batch_size=8, litert=False)(images)
     for litert, tensorflow in zip(through_litert, through_tensorflow):  # average- then max-pooled, in that order
         assert litert.shape == tensorflow.shape == (len(images), 1280)
