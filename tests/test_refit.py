@@ -27,45 +27,9 @@ def command(*args, cwd):
 
 
 @pytest.mark.slow
-def test_a_timed_search_ends_by_retraining_its_best_configuration_for_longer(cifar_dir, workdir, tiny_space):
-    done = command("search.run", "--space", str(tiny_space), "--data-dir", str(cifar_dir), "--trials", "100",
-                   "--timeout", "40", "--refit", "0.5", "--sampler", "random", cwd=workdir.parent)
-    assert done.returncode == 0, done.stderr
-
-    study = optuna.load_study(study_name="tiny-cifar10", storage=f"sqlite:///{workdir}/optuna.db")
-    refits = [t for t in study.trials if t.user_attrs.get("source") == "refit"]
-    assert len(refits) == 1
-    refit = refits[0]
-    explored = [t for t in study.trials if t.state == TrialState.COMPLETE and t.number != refit.number]
-    best = max(explored, key=lambda t: t.value)
-    assert refit.state == TrialState.COMPLETE  # never pruned
-    assert refit.user_attrs["refit_of"] == best.number and refit.params == best.params
-    assert refit.user_attrs["epochs"] > best.user_attrs["epochs_run"]
-    assert f"refit: trial {best.number}'s configuration for about " in done.stdout
-    assert f"; {refit.user_attrs['epochs']} scheduled, the schedule ending with the last that fits" in done.stdout
-
-    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
-    refit_run = client.get_run(refit.user_attrs["mlflow_run_id"])
-    assert refit_run.data.tags["search.refit"] == "true" and refit_run.data.tags["search.refit_of"] == str(best.number)
-    # early stopping's patience is the refit's epochs: its schedule runs to the end (unless the budget ends first)
-    epochs_logged = len(client.get_metric_history(refit_run.info.run_id, "val_accuracy"))
-    assert epochs_logged == refit.user_attrs["epochs"] or (
-        f"stopped after epoch {epochs_logged}: another would end past the time budget" in done.stdout)
-    # and its training must stop by the end of the 40 s budget, which began before the first trial
-    first_start = min(t.datetime_start for t in study.trials).timestamp()
-    assert first_start < refit.user_attrs["deadline"] <= first_start + 40
-    parent = client.get_run(refit_run.data.tags["mlflow.parentRunId"])
-    assert parent.data.tags["search.refit_of"] == str(best.number)
-
-    table = leaderboard(["tiny-cifar10"], workdir=str(workdir))
-    assert table.loc[table["trial"] == refit.number, "source"].item() == "refit"
-    # the refit competes as a trial: the best model is whichever has the higher validation accuracy
-    assert int(parent.data.tags["search.best_trial"]) == (refit if refit.value > best.value else best).number
-
-
-@pytest.mark.slow
-def test_a_refit_starting_before_half_the_budget_finishes_a_round_there_then_warm_restarts(cifar_dir, workdir,
-                                                                                          tiny_space):
+def test_a_timed_search_retrains_its_best_for_the_rest_a_round_by_half_the_budget_then_a_warm_restart(
+        cifar_dir, workdir, tiny_space):
+    # (a refit that starts after half the budget is one round: test_the_refit_rounds_end_the_first_at_half_the_budget)
     # exploration's 15 s hold several trials (MIN_EXPLORED_TRIALS) also on a slow CPU
     done = command("search.run", "--space", str(tiny_space), "--data-dir", str(cifar_dir), "--trials", "100",
                    "--timeout", "60", "--refit", "0.75", "--sampler", "random", cwd=workdir.parent)
@@ -89,11 +53,30 @@ def test_a_refit_starting_before_half_the_budget_finishes_a_round_there_then_war
     assert second.params == first.params and second.user_attrs["refit_of"] == first.user_attrs["refit_of"]
     assert second.user_attrs["continues"] == first.number
     assert second.user_attrs["epochs_before"] == first.user_attrs["epochs_run"]
+    best_explored = next(t for t in study.trials if t.number == first.user_attrs["refit_of"])
+    assert first.params == best_explored.params and first.user_attrs["epochs"] > best_explored.user_attrs["epochs_run"]
+    assert f"; {first.user_attrs['epochs']} scheduled, the schedule ending with the last that fits" in done.stdout
     assert f"round 2 of 2: trial {first.user_attrs['refit_of']}'s configuration" in done.stdout
     assert f"starting from trial {first.number}'s weights" in done.stdout
-    # the first round ended by half the budget: a finished model exists at 30 of the 60 s
+    # the first round ended by half the budget: a finished model exists at 30 of the 60 s; the second's training
+    # stopped by the end of the budget, which began before the first trial
     started = min(t.datetime_start for t in study.trials)
     assert (first.datetime_complete - started).total_seconds() <= 30 + 3
+    assert started.timestamp() < second.user_attrs["deadline"] <= started.timestamp() + 60
+
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    for refit in (first, second):  # never pruned; early stopping's patience is its epochs: the schedule runs to its
+        refit_run = client.get_run(refit.user_attrs["mlflow_run_id"])  # end unless the budget ends first
+        assert refit_run.data.tags["search.refit"] == "true"
+        assert refit_run.data.tags["search.refit_of"] == str(refit.user_attrs["refit_of"])
+        epochs_logged = len(client.get_metric_history(refit_run.info.run_id, "val_accuracy"))
+        assert epochs_logged == refit.user_attrs["epochs"] or "another would end past the time budget" in done.stdout
+    parent = client.get_run(refit_run.data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["search.refit_of"] == str(second.user_attrs["refit_of"])
+    table = leaderboard(["tiny-cifar10"], workdir=str(workdir))
+    assert set(table.loc[table["trial"].isin([first.number, second.number]), "source"]) == {"refit"}
+    # the refit competes as a trial: the best model is whichever has the higher validation accuracy
+    assert int(parent.data.tags["search.best_trial"]) == study.best_trial.number
 
     # every kept refit round is an ensemble candidate: its validation and test answers saved beside it, at its input
     # size; kept explored trials are screens, without answers
@@ -107,7 +90,6 @@ def test_a_refit_starting_before_half_the_budget_finishes_a_round_there_then_war
         assert saved["val"].shape[1] == saved["test"].shape[1] == 10 and int(saved["size"]) == 32
         assert np.allclose(saved["val"].sum(axis=1), 1, atol=1e-3)
     # the registered model is the ensemble of the rounds (and explored trials) when it beats the best on validation
-    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
     version = max(client.search_model_versions("name = 'tiny-cifar10-best'"), key=lambda v: int(v.version))
     ensembles = client.search_runs([client.get_experiment_by_name("tiny-cifar10").experiment_id],
                                    "tags.`search.role` = 'ensemble'")
