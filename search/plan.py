@@ -12,6 +12,7 @@ images) but answer no test split; the refit's rounds are the models, and they ar
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import asdict, dataclass
 
@@ -43,19 +44,55 @@ class Speed:
 
 
 def measure_machine(setup: RunSetup, precision: str) -> Speed:
-    """Time the machine and the default configuration; print it and return it."""
+    """Time the machine and the default configuration; print it and return it. Where the default cannot train
+    REFIT_MIN_EPOCHS epochs in the refit's share of the budget, narrow it first (fit_default_to_machine)."""
     from runners.speed import matmul_gflops
 
-    measured, sizes = measure(setup, spaces.default_params(setup.space))
+    gflops = matmul_gflops()
+    speed = default_speed(setup, gflops, precision)
+    log.info(f"machine: {gflops:.0f} GFLOP/s float32 matmul; the space's default trains at "
+             f"{speed.images_per_second:.0f} images/s ({speed.train_gflops:.1f} GFLOP/s, {speed.mflops_per_image:.0f} "
+             f"MFLOP per image, {precision}): ~{speed.epoch_seconds:.0f} s per epoch of {speed.train_images:,} images")
+    return fit_default_to_machine(setup, speed)
+
+
+def default_speed(setup: RunSetup, gflops: float, precision: str) -> Speed:
+    """What this machine does with the space's default configuration, from a few timed training steps."""
+    default = spaces.default_params(setup.space)
+    measured, sizes = measure(setup, default)
     rate = measured["images_per_second"]
-    epoch = epoch_seconds(sizes, rate)
-    evaluation = evaluation_seconds(sizes, rate, spaces.default_params(setup.space))
-    speed = Speed(matmul_gflops(), rate, measured["mflops_per_image"], measured["train_gflops"], precision,
-                  epoch_seconds=epoch, setup_seconds=measured.get("trace_seconds", 0.0) + evaluation,
-                  train_images=sizes["train"], val_images=sizes["val"], evaluation_seconds=evaluation)
-    log.info(f"machine: {speed.matmul_gflops:.0f} GFLOP/s float32 matmul; the space's default trains at "
-             f"{rate:.0f} images/s ({speed.train_gflops:.1f} GFLOP/s, {speed.mflops_per_image:.0f} MFLOP per image, "
-             f"{precision}): ~{epoch:.0f} s per epoch of {sizes['train']:,} images")
+    evaluation = evaluation_seconds(sizes, rate, default)
+    return Speed(gflops, rate, measured["mflops_per_image"], measured["train_gflops"], precision,
+                 epoch_seconds=epoch_seconds(sizes, rate),
+                 setup_seconds=measured.get("trace_seconds", 0.0) + evaluation,
+                 train_images=sizes["train"], val_images=sizes["val"], evaluation_seconds=evaluation)
+
+
+def fit_default_to_machine(setup: RunSetup, speed: Speed) -> Speed:
+    """The rule of `max_mflops: auto` applied to the default itself: a model whose refit cannot train
+    REFIT_MIN_EPOCHS epochs in the refit's share of the budget stays far below what a cheaper one reaches there.
+    Where the default cannot, this run's default (setup.space) takes the widest of the space's narrower `width`
+    choices that can (each measured), else the narrowest; the speed returned is the kept default's. On a 2-core
+    AVX2 CPU fast_cifar trained 6 epochs of 6,000 images in the README command's 10 minutes (65.1% test), at
+    width 0.5 (266 against 100 images/s) 18."""
+    width = setup.space.params.get("width")
+    seconds = setup.timeout * setup.refit
+    if (width is None or width.type != "categorical" or "width" not in spaces.default_params(setup.space)
+            or epochs_for(speed, seconds) >= REFIT_MIN_EPOCHS):
+        return speed
+    narrower = sorted((c for c in width.choices if c < width.default), reverse=True)
+    first, default = width.default, speed
+    for choice in narrower:
+        setup.space = dataclasses.replace(setup.space, params={
+            **setup.space.params, "width": spaces.replace_choices(width, list(width.choices), choice)})
+        speed = default_speed(setup, speed.matmul_gflops, speed.precision)
+        if epochs_for(speed, seconds) >= REFIT_MIN_EPOCHS:
+            break
+    if narrower:
+        log.info(f"default: at width {first} the space's default trains ~{epochs_for(default, seconds)} epochs in the "
+                 f"refit's {seconds:.0f} s here, fewer than {REFIT_MIN_EPOCHS}; this run's default is width "
+                 f"{setup.space.params['width'].default}: {speed.images_per_second:.0f} images/s, ~{epochs_for(speed, seconds)} "
+                 f"epochs ({speed.epoch_seconds:.0f} s each)")
     return speed
 
 

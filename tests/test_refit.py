@@ -1,6 +1,7 @@
 """The refit phase of a time-budgeted search: explore for part of --timeout, then retrain the best configuration
 for the rest of it, as one more trial recorded like every other (or two: a round ending at half the budget, then a
 warm restart from its weights)."""
+import json
 import os
 import subprocess
 import sys
@@ -265,23 +266,57 @@ def test_a_time_budgeted_run_measures_the_machine_and_logs_it_on_the_parent_run(
 
 def test_on_a_machine_too_slow_to_explore_the_default_trains_for_the_whole_budget(cifar_dir, tmp_path, monkeypatch):
     from search import plan
-    from search.drivers import optuna_driver
 
-    def slow_machine(setup, precision):  # what a 2-core laptop without bfloat16 measures for a big default
-        return plan.Speed(150.0, 5.0, 268.0, 4.0, precision, epoch_seconds=30.0, setup_seconds=5.0)
+    real_measure = plan.measure
 
-    monkeypatch.setattr(optuna_driver, "measure_machine", slow_machine)
-    space = write_space(tmp_path, TINY_SPACE)
+    def slow_machine(setup, params):  # timed steps as a 2-core laptop without bfloat16 would time them
+        _, sizes = real_measure(setup, params)
+        rate = {1.0: 14.0, 0.5: 20.0}[params["width"]]  # images/s: epochs of (300 + 300 / 3) images in 30 and 21 s
+        return {"images_per_second": rate, "mflops_per_image": 268 * params["width"] ** 2, "train_gflops": 4.0}, sizes
+
+    monkeypatch.setattr(plan, "measure", slow_machine)
+    space = write_space(tmp_path, TINY_SPACE.replace(
+        "  pooling:", "  width: {type: categorical, choices: [0.5, 1.0], default: 1.0}\n  pooling:"))
     summary = run_search(SearchConfig(space=str(space), data_dir=str(cifar_dir), workdir=str(tmp_path / "mlruns"),
                                       timeout=60, trials=3, epochs=1))
     study = optuna.load_study(study_name=summary.study_name, storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
     ran = [t for t in study.trials if t.state != TrialState.WAITING]
-    # exploration's 12 s cannot hold one 35 s trial: one trial, the default, planned for the budget's 60 s
+    # the refit's 48 s hold fewer than REFIT_MIN_EPOCHS epochs at either width: the narrowest is this run's default;
+    # exploration's 12 s cannot hold one 31 s trial of it: one trial, the default, planned for the budget's 60 s
     assert len(ran) == 1 and ran[0].user_attrs["refit_of"] == "default" and ran[0].state == TrialState.COMPLETE
-    assert ran[0].user_attrs["epochs"] == 1  # (60 - 5 - 5) // 30
+    assert ran[0].params["width"] == 0.5 and 1 <= ran[0].user_attrs["epochs"] <= 2  # (60 - 10 - spent) // 21
     parent = MlflowClient(summary.tracking_uri).get_run(summary.parent_run_id)
     assert parent.data.tags["search.exploration"].startswith("skipped")
+    assert json.loads(parent.data.tags["search.default"])["width"] == 0.5
+    assert parent.data.metrics["machine_images_per_second"] == 20.0  # the kept default's speed
     assert summary.best_trial == ran[0].number
+
+
+def test_a_default_that_cannot_train_enough_epochs_in_the_refits_time_is_narrowed_to_a_width_that_can(monkeypatch):
+    from types import SimpleNamespace
+
+    from search import plan
+    from search import space as spaces
+
+    width = spaces.make_param("width", {"type": "categorical", "choices": [0.25, 0.5, 1.0, 1.5], "default": 1.0})
+    epoch_at = {1.5: 150.0, 1.0: 86.0, 0.5: 36.0, 0.25: 20.0}  # seconds; 86 at width 1: the README command on AVX2
+
+    def speed_at(setup, gflops, precision):  # a few timed steps of the default at its width
+        return plan.Speed(gflops, 1.0, 1.0, 1.0, precision, setup_seconds=6.0,
+                          epoch_seconds=epoch_at[setup.space.params["width"].default])
+
+    monkeypatch.setattr(plan, "default_speed", speed_at)
+
+    def fitted(timeout):
+        space = spaces.Space("s", "scratch_cnn", "cifar10", {}, {"width": width}, {}, "", "")
+        setup = SimpleNamespace(timeout=timeout, refit=0.8, space=space)
+        speed = plan.fit_default_to_machine(setup, speed_at(setup, 190.0, "float32"))
+        return setup.space.params["width"].default, speed.epoch_seconds
+
+    assert fitted(600) == (0.5, 36.0)    # the refit's 480 s: 5 epochs at width 1, 13 at 0.5 (the widest that fits)
+    assert fitted(1200) == (1.0, 86.0)   # 960 s: 11 at width 1, kept (never widened)
+    assert fitted(300) == (0.25, 20.0)   # 240 s: 6 at 0.5, 11 at 0.25
+    assert fitted(100) == (0.25, 20.0)   # 80 s: none fits, the narrowest
 
 
 def test_exploration_pays_only_where_its_share_holds_several_first_rung_trials():

@@ -8,6 +8,7 @@ exploration share, a stopping rule, or too many failures; then the refit (search
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -117,7 +118,8 @@ def run_optuna_search(config: SearchConfig) -> SearchSummary:
         setup.speed = measure_machine(setup, str(environment.get("mixed_precision") or "float32"))
         tracking.log_metrics(client, parent, metrics_of(setup.speed))
 
-        tracking.set_tags(client, parent, {"search.precision": setup.speed.precision})
+        tracking.set_tags(client, parent, {"search.precision": setup.speed.precision,  # and the default it kept
+                                           "search.default": json.dumps(spaces.default_params(setup.space))})
     first_trials(setup)
 
     def finish(status: str) -> None:
