@@ -134,7 +134,8 @@ PLAN_SLACK = 1.25         # a refit (and the benchmark's single trainings) sched
                           # nothing, while planning short left time unused (a refit of 24 epochs planned from timed
                           # steps at 19 s each, whose epochs took 16-17 s, ended 30 s early; at 1.15 the default arm
                           # of the 10-minute benchmark ran all 26 epochs it scheduled and ended 47 s early)
-REFIT_MIN_EPOCHS = 10     # `max_mflops: auto` refuses models whose refit could not train this many epochs (search/plan.py):
+REFIT_MIN_EPOCHS = 10     # `max_mflops: auto` refuses models whose refit could not train this many epochs, and a default
+                          # that could not is narrowed to a `width` that can (search/plan.py: fit_default_to_machine):
                           # the refit of fast_cifar gained at every epoch up to 21 (89.1% test), and a model that
                           # gets a handful of epochs stays far below it
 MAX_MFLOPS_UNMEASURED = 300  # `max_mflops: auto` in a run that measured nothing (no time budget): MFLOP per image
