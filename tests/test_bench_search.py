@@ -11,9 +11,9 @@ import pytest
 from search.bench import search as bench
 from search.bench.__main__ import main as bench_main
 
-# a study arm and the two kinds of single training ("random" is the search arm with other SearchConfig settings,
-# SEARCH_ARMS; "default" a single training like the baseline's): each arm costs its budget and ~10 s of set-up
-ARMS = ("search", "baseline", "reference")
+# a study arm and a single training ("random" is the search arm with other SearchConfig settings, SEARCH_ARMS;
+# "default" and "baseline" single trainings like the reference's): each arm costs its budget and ~10 s of set-up
+ARMS = ("search", "reference")
 BUDGET = 20  # seconds per arm
 
 
@@ -69,7 +69,7 @@ def test_every_arm_runs_and_saves_its_curve_facts_table_and_plot(benchmark):
         assert facts["machine_gflops"] > 0 and facts["images_per_second"] > 0 and facts["train_gflops"] > 0
         assert facts["budget"] == BUDGET and facts["subset"] == 300
     # the single trainings fit the budget: epochs from the timed first one, the last one ending near the budget
-    for arm in ("baseline", "reference"):
+    for arm in ("reference",):
         facts = json.loads((out / f"{arm}.json").read_text())
         assert float(read_curve(out / f"{arm}.csv")[-1]["elapsed_seconds"]) <= BUDGET * 1.5
         # the timed one, then the rest (on a slow CPU under load the timed one may take the whole budget)
@@ -88,7 +88,7 @@ def test_every_arm_runs_and_saves_its_curve_facts_table_and_plot(benchmark):
 @pytest.mark.slow
 def test_running_one_arm_again_redraws_the_table_from_every_saved_arm(benchmark, cifar_dir, capsys):
     _, out, _ = benchmark
-    before = {arm: (out / f"{arm}.csv").read_text() for arm in ("search", "baseline")}
+    before = {arm: (out / f"{arm}.csv").read_text() for arm in ("search",)}
     (out / bench.PLOT_NAME).unlink()
     code = bench.main(["--dataset", "cifar10", "--data-dir", str(cifar_dir), "--subset", "300",
                        "--budget", str(BUDGET // 2), "--arms", "reference", "--out", str(out)])

@@ -23,7 +23,7 @@ def test_training_and_evaluation_batches_have_their_shapes_and_no_autotuner(cifa
 def test_the_pipeline_benchmark_times_epochs_with_and_without_the_autotuner(cifar_dir, workdir, capsys):
     from search.bench.pipeline import main
 
-    assert main(["--cifar-dir", str(cifar_dir), "--workdir", str(workdir), "--subset", "200", "--epochs", "3",
+    assert main(["--cifar-dir", str(cifar_dir), "--workdir", str(workdir), "--subset", "200", "--epochs", "2",
                  "--skip-rates", "--skip-memory"]) == 0
     printed = capsys.readouterr().out
     rows = [line.split() for line in printed.splitlines() if line.startswith(("off (as shipped)", "on (tf.data"))]

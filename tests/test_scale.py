@@ -85,13 +85,13 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def three_workers(postgres, cifar_dir, tmp_path_factory):
-    """Three worker processes that ran one 9-trial study on PostgreSQL, logging to MLflow on PostgreSQL."""
+    """Three worker processes that ran one 6-trial study on PostgreSQL, logging to MLflow on PostgreSQL."""
     folder = tmp_path_factory.mktemp("three-workers")
     space = write_space(folder, TINY_SPACE)
     storage, tracking = postgres.url("optuna"), postgres.url("mlflow")
     create_stores(storage, tracking)
     workers = [start_worker(folder, f"worker-{i}", space, cifar_dir, "--storage", storage, "--tracking-uri",
-                            tracking, "--study-name", "three", "--trials", "9") for i in range(3)]
+                            tracking, "--study-name", "three", "--trials", "6") for i in range(3)]
     codes = wait_for(workers, timeout=600)
     logs = [(folder / f"worker-{i}.log").read_text() for i in range(3)]
     return SimpleNamespace(codes=codes, logs=logs, pids={str(w.pid) for w in workers},
@@ -103,8 +103,8 @@ def three_workers(postgres, cifar_dir, tmp_path_factory):
 def test_three_workers_run_the_study_total_of_trials_once_each(three_workers):
     assert three_workers.codes == [0, 0, 0], three_workers.logs
     counted = three_workers.study.get_trials(states=COUNTED)
-    assert len(counted) == 9
-    assert len({t.number for t in counted}) == 9
+    assert len(counted) == 6
+    assert len({t.number for t in counted}) == 6
     assert {str(t.user_attrs["pid"]) for t in counted} <= three_workers.pids
 
 
