@@ -3,8 +3,8 @@
 Before the first trial of a time-budgeted run, `measure_machine` times the float32 matmul rate and a few
 training steps of the space's default configuration in the precision the run uses (runners/speed.py), narrows
 that default to a smaller `width` where it could not train REFIT_MIN_EPOCHS epochs in the refit's share
-(`fit_default_to_machine`), and the parent run records them. `exploration_pays` asks whether one trial of the default at the first rung of
-the fidelity (`min_epochs`) fit MIN_EXPLORED_TRIALS times in exploration's share of the budget; when they do
+(`fit_default_to_machine`), and the parent run records them. `exploration_pays` asks whether one trial of the
+default at the first rung of the fidelity (`min_epochs`) fit MIN_EXPLORED_TRIALS times in exploration's share of the budget; when they do
 not, exploring would spend its share on a trial or two that teach the sampler nothing, so the run says so and
 trains the default for the whole budget.
 `explored_fidelity` prices each explored trial when the space counts rungs in work (`fidelity.resource: cost`).
@@ -82,18 +82,18 @@ def fit_default_to_machine(setup: RunSetup, speed: Speed) -> Speed:
             or epochs_for(speed, seconds) >= REFIT_MIN_EPOCHS):
         return speed
     narrower = sorted((c for c in width.choices if c < width.default), reverse=True)
-    first, default = width.default, speed
+    given = speed
     for choice in narrower:
-        setup.space = dataclasses.replace(setup.space, params={
-            **setup.space.params, "width": spaces.replace_choices(width, list(width.choices), choice)})
+        setup.space = dataclasses.replace(setup.space, params={**setup.space.params,
+                                                               "width": dataclasses.replace(width, default=choice)})
         speed = default_speed(setup, speed.matmul_gflops, speed.precision)
         if epochs_for(speed, seconds) >= REFIT_MIN_EPOCHS:
             break
     if narrower:
-        log.info(f"default: at width {first} the space's default trains ~{epochs_for(default, seconds)} epochs in the "
-                 f"refit's {seconds:.0f} s here, fewer than {REFIT_MIN_EPOCHS}; this run's default is width "
-                 f"{setup.space.params['width'].default}: {speed.images_per_second:.0f} images/s, ~{epochs_for(speed, seconds)} "
-                 f"epochs ({speed.epoch_seconds:.0f} s each)")
+        log.info(f"default: at width {width.default} the space's default trains ~{epochs_for(given, seconds)} epochs "
+                 f"in the refit's {seconds:.0f} s here, fewer than {REFIT_MIN_EPOCHS}; this run's default is width "
+                 f"{setup.space.params['width'].default}: {speed.images_per_second:.0f} images/s, "
+                 f"~{epochs_for(speed, seconds)} epochs ({speed.epoch_seconds:.0f} s each)")
     return speed
 
 
