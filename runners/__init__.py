@@ -17,6 +17,7 @@
                     (the first at a batch end, the second at once)
     speed.py        the machine's matmul rate and a configuration's measured training speed
     digest.py       file digests (downloads, weights tags, the feature cache)
+    console.py      libraries' notices kept off the console (a logger quieter for a block, stderr lines filtered)
     device.py       GPUs, precision (bfloat16 where the CPU multiplies it natively; frozen backbones float32)
 """
 import os

@@ -12,14 +12,13 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
-import sys
 from typing import Callable
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from runners.console import filtered_stderr, logger_level
 from runners.device import cpu_count
 
 CPU_BATCH = 8  # images per LiteRT call (see above)
@@ -74,7 +73,7 @@ def cpu_forward(model, batch_size: int) -> Callable[[np.ndarray], list[np.ndarra
     # (a converted tf.function of the model, from_concrete_functions, computed NaN everywhere)
     with contextlib.redirect_stdout(io.StringIO()), logger_level("tensorflow", logging.WARNING):
         converted = tf.lite.TFLiteConverter.from_keras_model(model).convert()
-    with native_stderr_silenced():  # LiteRT's own line announcing its XNNPACK delegate
+    with filtered_stderr(("XNNPACK delegate",)):  # LiteRT's own line announcing it
         interpreter = Interpreter(model_content=converted, num_threads=cpu_count())
         source = interpreter.get_input_details()[0]["index"]
         interpreter.resize_tensor_input(source, [batch_size, *model.inputs[0].shape[1:]])
@@ -92,29 +91,3 @@ def cpu_forward(model, batch_size: int) -> Callable[[np.ndarray], list[np.ndarra
         return np.split(interpreter.get_tensor(target)[:n], splits, axis=-1)
 
     return forward
-
-
-@contextlib.contextmanager
-def logger_level(name: str, level: int):
-    """The Python logger `name` at `level` inside the block."""
-    logger = logging.getLogger(name)
-    before = logger.level
-    logger.setLevel(level)
-    try:
-        yield
-    finally:
-        logger.setLevel(before)
-
-
-@contextlib.contextmanager
-def native_stderr_silenced():
-    """Inside the block, what native code writes to the process's stderr (file descriptor 2) goes nowhere."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)

@@ -28,6 +28,8 @@ import logging
 import os
 import sys
 
+from runners.console import filtered_stderr
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before anything imports TensorFlow: keep its chatter out
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations asks the network at import otherwise
 # MLflow draws a "Downloading artifacts" progress bar for every model it loads or registers, even a 1-file one
@@ -76,38 +78,9 @@ TENSORFLOW_NOISE = ("All log messages before absl::InitializeLog() is called",
                     "rebuild TensorFlow with the appropriate compiler flags")
 
 
-@contextlib.contextmanager
-def filtered_stderr(noise: tuple[str, ...] = TENSORFLOW_NOISE):
-    """Capture what is written to file descriptor 2 (C++ libraries included) during the block, then write back
-    every line that contains none of `noise`: nothing else is lost, only delayed to the block's end."""
-    import tempfile
-
-    with contextlib.suppress(Exception):
-        sys.stderr.flush()
-    try:
-        saved = os.dup(2)
-    except OSError:  # no usable stderr: nothing to filter
-        yield
-        return
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            yield
-        finally:
-            with contextlib.suppress(Exception):
-                sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            lines = captured.read().decode(errors="replace").splitlines(keepends=True)
-            kept = "".join(line for line in lines if not any(text in line for text in noise))
-            if kept:
-                sys.stderr.write(kept)
-                sys.stderr.flush()
-
-
 class _QuietTensorFlowImport:
-    """A finder that wraps the first import of `tensorflow`, wherever it happens, in `filtered_stderr`."""
+    """A finder that wraps the first import of `tensorflow`, wherever it happens, in `filtered_stderr`
+    (runners/console.py)."""
 
     def find_spec(self, name, path=None, target=None):
         if name != "tensorflow":
@@ -123,7 +96,7 @@ class _QuietTensorFlowImport:
         run = loader.exec_module
 
         def exec_module(module):
-            with filtered_stderr():
+            with filtered_stderr(TENSORFLOW_NOISE):
                 run(module)
 
         loader.exec_module = exec_module

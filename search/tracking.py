@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import socket
@@ -20,6 +21,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Dataset as MlflowDataset
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 
+from runners.console import logger_level
 from search.errors import ConfigError
 from search.config import SYSTEM_METRICS_SECONDS
 from search.stores import redact
@@ -49,23 +51,9 @@ def environment(values: dict[str, str]):
 
 
 @contextlib.contextmanager
-def quiet_logger(name: str):
-    """Only errors from one logger during a block (urllib3 warns "Retrying ..." before the answer we report)."""
-    import logging
-
-    logger = logging.getLogger(name)
-    saved = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(saved)
-
-
-@contextlib.contextmanager
 def server_check():
     """MLflow's HTTP settings for one quick question to a tracking server (SERVER_CHECK), quietly."""
-    with environment(SERVER_CHECK), quiet_logger("urllib3.connectionpool"):
+    with environment(SERVER_CHECK), logger_level("urllib3.connectionpool", logging.ERROR):
         yield
 
 
