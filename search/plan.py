@@ -1,12 +1,12 @@
 """Measure, then plan: what this machine does with the space's default, and whether exploring can pay.
 
-Before the first trial of a time-budgeted run, `measure_machine` times the float32 matmul rate and a few
-training steps of the space's default configuration in the precision the run uses (runners/speed.py), narrows
-that default to a smaller `width` where it could not train REFIT_MIN_EPOCHS epochs in the refit's share
-(`fit_default_to_machine`), and the parent run records them. `exploration_pays` asks whether one trial of the
-default at the first rung of the fidelity (`min_epochs`) fit MIN_EXPLORED_TRIALS times in exploration's share of the budget; when they do
-not, exploring would spend its share on a trial or two that teach the sampler nothing, so the run says so and
-trains the default for the whole budget.
+Before the first trial of a time-budgeted run, `measure_machine` times the float32 matmul rate and a few training
+steps of the space's default configuration in the precision the run uses (runners/speed.py), narrows that default to
+a smaller `width` where it could not train REFIT_MIN_EPOCHS epochs in the refit's share (`fit_default_to_machine`),
+and the parent run records them. `exploration_pays` asks whether one trial of the default at the first rung of the
+fidelity (`min_epochs`), on the share of the images an explored trial trains on, fits MIN_EXPLORED_TRIALS times in
+exploration's share of the budget; when they do not, exploring would spend its share on a trial or two that teach
+the sampler nothing, so the run says so and trains the default for the whole budget.
 `explored_fidelity` prices each explored trial when the space counts rungs in work (`fidelity.resource: cost`).
 In a run that refits, explored trials are screens: they validate (on `fidelity.val_subset` of the validation
 images) but answer no test split; the refit's rounds are the models, and they are tested (`screens_only`).
@@ -145,11 +145,22 @@ def metrics_of(speed: Speed) -> dict:
 
 
 def exploration_pays(setup: RunSetup, speed: Speed, explore_seconds: float) -> tuple[bool, float]:
-    """(whether MIN_EXPLORED_TRIALS trials of the default at the first rung fit in exploration's share, one such
-    trial's seconds)."""
+    """(whether MIN_EXPLORED_TRIALS trials of the default at the first rung, on the images an explored trial trains
+    and validates on, fit in exploration's share, one such trial's seconds)."""
     first_rung = setup.space.fidelity.get("min_epochs", 1)
-    seconds = explored_overhead(setup, speed) + first_rung * speed.epoch_seconds
+    epoch = explored_epoch_seconds(setup, speed, exploration_fraction(setup, speed, explore_seconds))
+    seconds = explored_overhead(setup, speed) + first_rung * epoch
     return MIN_EXPLORED_TRIALS * seconds <= explore_seconds, seconds
+
+
+def explored_epoch_seconds(setup, speed: Speed, fraction: float | None) -> float:
+    """One epoch of the default as an explored trial trains it: on `fraction` of the training images, validating
+    on `fidelity.val_subset` of the validation images (a full epoch when the split sizes are unknown)."""
+    if not speed.train_images:
+        return speed.epoch_seconds
+    val_images = explored_val_images(setup, speed, fraction) or speed.val_images
+    sizes = {"train": speed.train_images * (fraction or 1.0), "val": val_images}
+    return epoch_seconds(sizes, speed.images_per_second)
 
 
 def plan_exploration(setup, parent: str, explore: float | None) -> None:

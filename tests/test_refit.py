@@ -74,6 +74,10 @@ def test_a_timed_search_retrains_its_best_for_the_rest_a_round_by_half_the_budge
         assert epochs_logged == refit.user_attrs["epochs"] or "another would end past the time budget" in done.stdout
     parent = client.get_run(refit_run.data.tags["mlflow.parentRunId"])
     assert parent.data.tags["search.refit_of"] == str(second.user_attrs["refit_of"])
+    # a time-budgeted run measured the machine first and logged it on its parent run; this one could explore
+    assert parent.data.metrics["machine_matmul_gflops"] > 1 and parent.data.metrics["machine_images_per_second"] > 1
+    assert parent.data.metrics["machine_mflops_per_image"] > 0 and parent.data.tags["search.precision"]
+    assert "search.exploration" not in parent.data.tags
     table = leaderboard(["tiny-cifar10"], workdir=str(workdir))
     assert set(table.loc[table["trial"].isin([first.number, second.number]), "source"]) == {"refit"}
     # the refit competes as a trial: the best model is whichever has the higher validation accuracy
@@ -157,7 +161,8 @@ def test_the_refit_rounds_end_the_first_at_half_the_budget_when_the_refit_starts
 
 
 @pytest.mark.slow
-def test_a_process_restarted_for_memory_keeps_the_time_budget_and_still_refits(cifar_dir, workdir, tiny_space):
+def test_a_process_over_its_memory_limit_restarts_keeps_the_time_budget_and_still_refits(cifar_dir, workdir,
+                                                                                          tiny_space):
     import time
 
     started = time.monotonic()
@@ -172,6 +177,11 @@ def test_a_process_restarted_for_memory_keeps_the_time_budget_and_still_refits(c
     assert elapsed < 170, f"{elapsed:.0f} s for an 80 s budget"
     study = optuna.load_study(study_name="tiny-cifar10", storage=f"sqlite:///{workdir}/optuna.db")
     assert [t.state for t in study.trials if t.user_attrs.get("source") == "refit"][:1] == [TrialState.COMPLETE]
+    # every process has its invocation run, and the ones replaced say why they stopped
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    experiment = client.get_experiment_by_name("tiny-cifar10").experiment_id
+    parents = client.search_runs([experiment], "tags.`search.role` = 'invocation'")
+    assert len(parents) >= 2 and any(p.data.tags.get("search.stopped") == "memory" for p in parents)
 
 
 def test_a_refit_fraction_above_0_9_exits_2_with_a_message(tmp_path):
@@ -252,18 +262,6 @@ def test_the_progress_line_never_counts_past_the_target_and_its_best_moves():
     assert "trial 5 (refit round 1) epoch 1/4" in lines[1] and "best so far 0.3000" in lines[1]
 
 
-@pytest.mark.slow
-def test_a_time_budgeted_run_measures_the_machine_and_logs_it_on_the_parent_run(cifar_dir, tmp_path):
-    space = write_space(tmp_path, TINY_SPACE)
-    # exploration's 15 s hold several of the tiny default's trials (a trace and a fraction of a second each)
-    summary = run_search(SearchConfig(space=str(space), data_dir=str(cifar_dir), workdir=str(tmp_path / "mlruns"),
-                                      timeout=30, refit=0.5, trials=3, epochs=1))
-    parent = MlflowClient(summary.tracking_uri).get_run(summary.parent_run_id)
-    assert parent.data.metrics["machine_matmul_gflops"] > 1 and parent.data.metrics["machine_images_per_second"] > 1
-    assert parent.data.metrics["machine_mflops_per_image"] > 0 and parent.data.tags["search.precision"]
-    assert "search.exploration" not in parent.data.tags  # a fast machine explores
-
-
 def test_on_a_machine_too_slow_to_explore_the_default_trains_for_the_whole_budget(cifar_dir, tmp_path, monkeypatch):
     from search import plan
 
@@ -334,6 +332,15 @@ def test_exploration_pays_only_where_its_share_holds_several_first_rung_trials()
     assert plan.exploration_pays(setup, avx2, MIN_EXPLORED_TRIALS * 97.0)[0]
     avx512 = plan.Speed(250, 380.0, 268, 300, "bfloat16", epoch_seconds=17.0, setup_seconds=8.0)
     assert plan.exploration_pays(setup, avx512, 120)[0]
+    # priced as explored trials train: the hour's benchmark on AVX2 (2026-12-06), the default at width 0.5, 253
+    # images/s; an epoch of all 45,018 images ~200 s (three in exploration's 720 s), of the half an explored trial
+    # trains on (fidelity.train_subset: auto, floored at a half) ~100 s: several fit
+    setup.space.fidelity.update(train_subset="auto", val_subset="auto")
+    hour = plan.Speed(161, 253.0, 67, 17, "float32", epoch_seconds=193.7, setup_seconds=4.0, train_images=45018,
+                      val_images=4982)
+    pays, one_trial = plan.exploration_pays(setup, hour, 720)
+    assert pays and one_trial == pytest.approx(4.0 + (22509 + 4982 / 3) / 253 * 1.05, rel=1e-3)
+    assert not plan.exploration_pays(setup, hour, 3 * one_trial)[0]
 
 
 def test_explored_trials_train_on_the_planned_share_of_the_images(tmp_path):
