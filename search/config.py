@@ -7,6 +7,7 @@ does exactly that. What a space searches (parameters, budget, fidelity) lives in
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +56,9 @@ class SearchConfig:
                                             # the space's budget.max_memory_growth, else MAX_MEMORY_GROWTH)
     driver: str = "optuna"                 # optuna | kerastuner
     tuner: str = "hyperband"               # kerastuner driver: hyperband | bayesian | random
+    report: bool = field(default_factory=lambda: os.environ.get("SEARCH_REPORT", "1") != "0")
+                                           # the study report at the end (HTML page, pictures); SEARCH_REPORT=0
+                                           # turns it off by default, as scripts and tests running many studies do
     extra_tags: dict = field(default_factory=dict)
 
     def resolved_workdir(self) -> Path:

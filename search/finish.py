@@ -85,7 +85,8 @@ def finish_invocation(setup: RunSetup, parent: str, summary: SearchSummary, stat
 
 def register_and_report(setup: RunSetup, parent: str, best: BestTrial, study) -> str | None:
     """Register as `<study>-best` the ensemble of the kept trials when it beats the best trial on validation,
-    else the best trial's kept model; write the study report. Returns a line on the ensemble, or None."""
+    else the best trial's kept model; write the study report (unless --no-report). Returns a line on the ensemble, or
+    None."""
     from search import ensemble, registry, report
     from search.results import leaderboard
 
@@ -103,9 +104,10 @@ def register_and_report(setup: RunSetup, parent: str, best: BestTrial, study) ->
         version = registry.register_trial(setup.client, setup.study_name, best.run_id, keras_path,
                                           class_names(setup), best.number, best.value)
         log.info(f"best model: models:/{version.name}/{version.version} (trial {best.number})")
-    table = leaderboard([setup.study_name], setup.tracking_uri)
-    report.log_study_report(setup.client, setup.experiment_id, setup.study_name, study, table,
-                            setup.workdir / "reports")
+    if setup.config.report:
+        table = leaderboard([setup.study_name], setup.tracking_uri)
+        report.log_study_report(setup.client, setup.experiment_id, setup.study_name, study, table,
+                                setup.workdir / "reports")
     return said
 
 

@@ -13,6 +13,7 @@ from conftest_postgres import postgres  # noqa: F401  (the session's PostgreSQL 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests choose their own stores
+os.environ.setdefault("SEARCH_REPORT", "0")  # the study report (~4 s of pictures a run) only where a test asks for it
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

@@ -205,7 +205,7 @@ def console_run(cifar_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("console")
     space = write_space(folder, CONSOLE_SPACE)
     done = run("search.run", "--space", str(space), "--data-dir", str(cifar_dir), "--trials", "3", "--epochs", "1",
-               "--subset", "200", "--timeout", "0", "--baselines", "--no-default-trial", cwd=folder,
+               "--subset", "200", "--timeout", "0", "--baselines", "--no-default-trial", "--report", cwd=folder,
                env={"KERAS_HOME": str(folder / "keras_home")})
     return folder, done
 

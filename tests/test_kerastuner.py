@@ -209,7 +209,7 @@ def test_kerastuner_drives_the_transfer_space_registers_its_model_and_reports(do
     workdir = tmp_path / "mlruns"
     config = SearchConfig(space="transfer", dataset="stanford_dogs", data_dir=str(dogs_dir), breeds="3",
                           image_size=96, subset=30, backbone="efficientnet_lite0", driver="kerastuner",
-                          tuner="random", trials=2, epochs=2, workdir=str(workdir))
+                          tuner="random", trials=2, epochs=2, workdir=str(workdir), report=True)
     summary = run_search(config)
     study = "transfer-stanford_dogs-kerastuner"
     client, trials, _ = runs_of(workdir, study)

@@ -56,28 +56,6 @@ def test_rerun_reproduces_a_trials_validation_accuracy(cifar_dir, workdir, tmp_p
     assert client.get_run(again["run_id"]).data.tags["search.rerun_of"] == "tiny-cifar10:0"
 
 
-@pytest.mark.slow
-def test_a_worker_over_its_memory_limit_restarts_and_the_study_completes(cifar_dir, tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
-    space = write_space(tmp_path, TINY_SPACE)
-    done = subprocess.run([sys.executable, "-m", "search.run", "--space", str(space), "--data-dir", str(cifar_dir),
-                           "--trials", "2", "--max-memory-growth", "0.001"], cwd=tmp_path, capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.count("restarting with a fresh process") >= 1
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
-    exp = client.get_experiment_by_name("tiny-cifar10")
-    parents = client.search_runs([exp.experiment_id], "tags.`search.role` = 'invocation'")
-    assert len(parents) >= 2 and any(p.data.tags.get("search.stopped") == "memory" for p in parents)
-    study = optuna.load_study(study_name="tiny-cifar10", storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
-    assert len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 2
-
-
 def test_a_resumed_fit_trains_epochs_3_and_4_as_an_uninterrupted_one_does(cifar_dir, workdir, tmp_path):
     from runners import scratch_cnn
     from runners.datasets import load_dataset

@@ -41,7 +41,7 @@ def finished(cifar_dir, tmp_path_factory) -> Finished:
     root = tmp_path_factory.mktemp("results")
     workdir = root / "mlruns"
     space = write_space(root, TINY_SPACE)
-    common = dict(space=str(space), data_dir=str(cifar_dir), sampler="random", workdir=str(workdir))
+    common = dict(space=str(space), data_dir=str(cifar_dir), sampler="random", workdir=str(workdir), report=True)
     run_search(SearchConfig(trials=4, **common))
     run_search(SearchConfig(trials=1, study_name=SECOND, **common))
     uri = f"sqlite:///{workdir}/mlflow.db"

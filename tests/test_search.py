@@ -55,6 +55,9 @@ def test_every_trial_trains_and_is_recorded_in_both_stores(short_study, study_st
     assert len(counted) == 3
     client, trials, parents = trial_runs("tiny-cifar10", study_store)
     assert len(parents) == 1 and len(trials) == len(study.trials)
+    assert not config.report and not (study_store / "reports").exists()  # SEARCH_REPORT=0 (conftest): no report
+    experiment = client.get_experiment_by_name("tiny-cifar10").experiment_id
+    assert not client.search_runs([experiment], "tags.`search.role` = 'study'")
     for t in study.trials:
         run = client.get_run(t.user_attrs["mlflow_run_id"])
         assert run.data.tags["optuna.trial_number"] == str(t.number)
