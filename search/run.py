@@ -92,7 +92,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed-precision", dest="mixed_precision", action=argparse.BooleanOptionalAction,
                    default=None, help="float16 compute on GPUs, bfloat16 on CPUs (default: on where the hardware multiplies it natively)")
     p.add_argument("--report", action=argparse.BooleanOptionalAction, default=d.report,
-                   help="write the study report (HTML page and pictures) at the end (default: on, unless the environment says SEARCH_REPORT=0); python -m search.results --study S --report DIR writes it later")
+                   help="write the study report (HTML page and pictures) at the end (default: on, unless the "
+                        "environment says SEARCH_REPORT=0); python -m search.results --study S --report DIR writes it "
+                        "later")
     p.add_argument("--quiet", action="store_true", help="print only the final table")
     return p
 
