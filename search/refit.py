@@ -126,6 +126,10 @@ def refit_best(setup, parent: str, objective, remaining: float, elapsed: float =
     if rival is not None:  # timing its steps spent some of round 1
         rounds[0] -= time.monotonic() - started
         started = time.monotonic()
+        if not race_fits([best, rival], rounds[0]):  # a race that trains neither would leave no model at all
+            log.info(f"refit: no race, round 1's {rounds[0]:.0f} s cannot hold a refit of both trial {best.number}'s "
+                     f"and trial {rival.number}'s (the space's default) configurations; trial {best.number}'s alone")
+            rival = None
     previous = None
     for index in range(1, len(rounds) + 1):
         seconds = started + sum(rounds[:index]) - time.monotonic()  # to this round's end, as earlier ones ran
@@ -162,6 +166,12 @@ def default_rival(setup, best: optuna.trial.FrozenTrial) -> optuna.trial.FrozenT
     if default is None or default.number == best.number or default.params == best.params:
         return None
     return planned_from_steps(setup, default) if refit_plan(default, 1.0) is not None else None
+
+
+def race_fits(contenders: list, seconds: float) -> bool:
+    """Whether an equal share of `seconds` holds a refit of each contender (at least the epochs it was explored for)."""
+    share = seconds / len(contenders)
+    return all((plan := refit_plan(c, share)) is not None and plan[1] <= share for c in contenders)
 
 
 def race(setup, parent: str, objective, contenders: list, seconds: float, rounds: int):

@@ -184,6 +184,22 @@ def test_a_process_over_its_memory_limit_restarts_keeps_the_time_budget_and_stil
     assert len(parents) >= 2 and any(p.data.tags.get("search.stopped") == "memory" for p in parents)
 
 
+def test_a_race_runs_only_where_round_one_holds_a_refit_of_each_contender():
+    from search.refit import race_fits
+
+    def explored(epoch_seconds):  # 4 epochs explored, 10 s of set-up and evaluation besides
+        return optuna.trial.create_trial(value=0.5, user_attrs={"epochs_run": 4, "epoch_seconds": epoch_seconds,
+                                                                "train_seconds": 4 * epoch_seconds,
+                                                                "trial_seconds": 4 * epoch_seconds + 10})
+
+    # the README command on AVX2 (2026-12-06): round 1's ~138 s for two configurations of ~30 s epochs; each
+    # share of 69 s holds neither refit of 4 epochs, and the race left no model: no race there
+    best, default = explored(30.0 / 1.05), explored(29.0 / 1.05)
+    assert not race_fits([best, default], 138)
+    assert race_fits([best, default], 2 * (10 + 4 * 30.0) + 1)
+    assert not race_fits([best, explored(60.0)], 2 * (10 + 4 * 30.0) + 1)  # the slower one does not fit
+
+
 def test_a_refit_fraction_above_0_9_exits_2_with_a_message(tmp_path):
     done = command("search.run", "--refit", "0.95", "--timeout", "60", cwd=tmp_path)
     assert done.returncode == 2
