@@ -1,5 +1,6 @@
-"""The Keras callbacks a trial trains with: epoch timing, the epoch hook, the deadline, the progress line,
-checkpoints that make a trial resumable, and Ctrl-C at a batch end."""
+"""The Keras callbacks a trial trains with: epoch timing, the epoch hook, the deadline, batch-norm statistics
+re-estimated before each validation, the progress line, checkpoints that make a trial resumable, and Ctrl-C at a
+batch end."""
 from __future__ import annotations
 
 import json
@@ -98,6 +99,52 @@ class Deadline(keras.callbacks.Callback):
         is its value at the current step): the only place to reach it from a callback."""
         schedule = getattr(self.optimizer(), "_learning_rate", None)
         return schedule if callable(getattr(schedule, "finish_by", None)) else None
+
+
+PRECISE_BN_IMAGES = 1024  # training images the batch-norm statistics are re-estimated on before each validation
+
+
+class PreciseBatchNorm(keras.callbacks.Callback):
+    """Before each validation, re-estimates every trainable BatchNormalization layer's moving mean and variance from
+    the current weights, averaged over batches of `images` (unaugmented training images): "precise BN" (Wu & Johnson
+    2021, "Rethinking 'Batch' in BatchNorm"). The moving averages lag the weights by about 1 / (1 - momentum) steps;
+    a short trial makes few (a screen of 3,000 CIFAR-10 images at batch 256 makes 12 an epoch), so it validated on
+    statistics of much earlier weights: the space's default screened at 0.347 where its own weights, re-estimated,
+    reach 0.463 (AVX2, one run), and every configuration with large batches looked worse than it was."""
+
+    def __init__(self, images: np.ndarray, batch_size: int):
+        super().__init__()
+        self.images, self.batch_size = images, batch_size
+
+    def on_test_begin(self, logs=None):
+        recalibrate_batch_norm(self.model, self.images, self.batch_size)
+
+
+def recalibrate_batch_norm(model: keras.Model, images: np.ndarray, batch_size: int) -> None:
+    """Set each trainable batch-norm layer's moving statistics to the mean of its batch statistics over `images`
+    (a forward pass in training mode per batch; the weights are untouched)."""
+    norms = [layer for layer in all_layers(model)
+             if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
+    if not norms or not len(images):
+        return
+    momenta = [layer.momentum for layer in norms]
+    try:
+        for count, start in enumerate(range(0, len(images), batch_size), start=1):
+            for layer in norms:  # moving = moving * m + batch * (1 - m): with m = 1 - 1/count, the running mean
+                layer.momentum = 1.0 - 1.0 / count
+            model(np.asarray(images[start:start + batch_size], dtype=np.float32), training=True)
+    finally:
+        for layer, momentum in zip(norms, momenta):
+            layer.momentum = momentum
+
+
+def all_layers(model):
+    """Every layer, nested models opened."""
+    for layer in model.layers:
+        if hasattr(layer, "layers"):
+            yield from all_layers(layer)
+        else:
+            yield layer
 
 
 class Progress(keras.callbacks.Callback):

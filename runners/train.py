@@ -18,8 +18,8 @@ import tensorflow as tf
 
 from runners.datasets import Dataset
 from runners.pipeline import evaluation_batches, training_batches
-from runners.callbacks import (Deadline, EpochCheckpoint, EpochClock, checkpoint_state,  # noqa: F401
-                               fit_interruptibly)
+from runners.callbacks import (PRECISE_BN_IMAGES, Deadline, EpochCheckpoint, EpochClock,  # noqa: F401
+                               PreciseBatchNorm, all_layers, checkpoint_state, fit_interruptibly)
 from runners.protocol import ArchitectureError  # noqa: F401  (raised by the models; re-exported here)
 
 
@@ -219,15 +219,6 @@ def forward_flops(model) -> float:
     return 2 * macs
 
 
-def all_layers(model):
-    """Every layer, nested models opened."""
-    for layer in model.layers:
-        if hasattr(layer, "layers"):
-            yield from all_layers(layer)
-        else:
-            yield layer
-
-
 def make_loss(params: dict) -> keras.losses.Loss:
     """Categorical cross-entropy (with label smoothing) or mean squared error on one-hot labels."""
     name = params.get("loss", "categorical_crossentropy")
@@ -259,11 +250,13 @@ def train_and_evaluate(params: dict, data: Dataset, build_model, *, epochs: int,
                   metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"),
                            keras.metrics.TopKCategoricalAccuracy(k=3, name="top3_accuracy")])
     recipe = recipes[params.get("augmentation", "none")]
-    val = evaluation_batches(x_val, y_val, n_classes, evaluation_batch_size(size, batch), size)
+    eval_batch = evaluation_batch_size(size, batch)
+    val = evaluation_batches(x_val, y_val, n_classes, eval_batch, size)
     history, fit_seconds, first = fit_resumable(
         model, lambda first_epoch: training_batches(x_train, y_train, n_classes, batch, recipe, size, seed,
                                                     first_epoch=first_epoch),
-        val, epochs=epochs, own_callbacks=fit_callbacks(params, patience), callbacks=list(callbacks or []),
+        val, epochs=epochs, callbacks=list(callbacks or []),
+        own_callbacks=[*fit_callbacks(params, patience), PreciseBatchNorm(x_train[:PRECISE_BN_IMAGES], eval_batch)],
         checkpoint=checkpoint, shuffle=False)
     result = result_of(history, fit_seconds, model)
     result.resumed_from_epoch = first
