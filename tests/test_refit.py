@@ -51,6 +51,10 @@ def test_a_timed_search_retrains_its_best_for_the_rest_a_round_by_half_the_budge
         assert first.value == max(t.value for t in raced) and f"wins the race" in done.stdout
     assert first.state == second.state == TrialState.COMPLETE
     assert [first.user_attrs["refit_round"], second.user_attrs["refit_round"]] == [1, 2]
+    # the final line counts explored trials against --trials and the refit's rounds apart
+    explored = sum(1 for t in study.trials if t.user_attrs.get("refit_of") is None
+                   and t.state in (TrialState.COMPLETE, TrialState.PRUNED))
+    assert f"study tiny-cifar10: {explored} of 100 trials and {len(refits)} refit rounds (this run: " in done.stdout
     assert second.params == first.params and second.user_attrs["refit_of"] == first.user_attrs["refit_of"]
     assert second.user_attrs["continues"] == first.number
     assert second.user_attrs["epochs_before"] == first.user_attrs["epochs_run"]
@@ -490,14 +494,3 @@ def test_a_screen_pays_no_evaluation_unless_a_constraint_needs_its_inference_tim
     assert overhead(0.0) == overhead(0.8, max_inference_ms=2.0) == 16.0  # tested: no refit, or a constraint on it
     sizes = {"test": 6000, "val": 4982}                  # two views of each, a forward pass a third of a step
     assert plan.evaluation_seconds(sizes, 600.0, {"test_time_flip": True}) == pytest.approx(2 * 10982 / 3 / 600)
-
-
-@pytest.mark.slow
-def test_the_final_line_counts_trials_against_the_target_and_refit_rounds_apart(cifar_dir, tmp_path, capsys):
-    from search.run import main
-
-    space = write_space(tmp_path, TINY_SPACE)
-    assert main(["--space", str(space), "--data-dir", str(cifar_dir), "--workdir", str(tmp_path / "mlruns"),
-                 "--timeout", "25", "--refit", "0.5", "--trials", "1", "--epochs", "1"]) == 0
-    out = capsys.readouterr().out
-    assert "study tiny-cifar10: 1 of 1 trials and " in out and " refit round" in out
