@@ -18,8 +18,8 @@ import tensorflow as tf
 
 from runners.datasets import Dataset
 from runners.pipeline import evaluation_batches, training_batches
-from runners.callbacks import (PRECISE_BN_IMAGES, Deadline, EpochCheckpoint, EpochClock,  # noqa: F401
-                               PreciseBatchNorm, all_layers, checkpoint_state, fit_interruptibly)
+from runners.callbacks import (Deadline, EpochCheckpoint, EpochClock, PreciseBatchNorm,  # noqa: F401
+                               all_layers, checkpoint_state, fit_interruptibly)
 from runners.protocol import ArchitectureError  # noqa: F401  (raised by the models; re-exported here)
 
 
@@ -256,7 +256,7 @@ def train_and_evaluate(params: dict, data: Dataset, build_model, *, epochs: int,
         model, lambda first_epoch: training_batches(x_train, y_train, n_classes, batch, recipe, size, seed,
                                                     first_epoch=first_epoch),
         val, epochs=epochs, callbacks=list(callbacks or []),
-        own_callbacks=[*fit_callbacks(params, patience), PreciseBatchNorm(x_train[:PRECISE_BN_IMAGES], eval_batch)],
+        own_callbacks=[*fit_callbacks(params, patience), PreciseBatchNorm(x_train, eval_batch)],
         checkpoint=checkpoint, shuffle=False)
     result = result_of(history, fit_seconds, model)
     result.resumed_from_epoch = first

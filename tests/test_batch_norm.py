@@ -33,9 +33,10 @@ def test_recalibration_averages_the_batch_statistics_and_keeps_the_momentum():
     np.testing.assert_allclose(np.asarray(norm.moving_mean), batches.mean(axis=1).mean(axis=0), rtol=1e-5)
 
 
-def test_fit_validates_on_statistics_re_estimated_from_the_sample():
-    """Training images centred on 0, the sample on 5: after fit the moving mean is the sample's, set just before
-    validation (it would be ~0 from the training batches' moving average)."""
+def test_fit_validates_on_statistics_re_estimated_from_an_evenly_spread_sample():
+    """Training batches centred on 0; the images given to the callback sorted as a photo folder's are (the first half
+    centred on 0, the second on 5): before validation the moving mean is that of a sample spread over both halves
+    (~2.5), neither the training batches' moving average (~0) nor the first images' (~0)."""
     import keras
 
     from runners.callbacks import PreciseBatchNorm
@@ -44,8 +45,10 @@ def test_fit_validates_on_statistics_re_estimated_from_the_sample():
     model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
     rng = np.random.default_rng(1)
     x, y = rng.normal(0.0, 1.0, (64, 4)).astype(np.float32), np.zeros((64, 2), np.float32)
-    sample = rng.normal(5.0, 1.0, (32, 4)).astype(np.float32)
+    images = np.concatenate([rng.normal(0.0, 1.0, (64, 4)), rng.normal(5.0, 1.0, (64, 4))]).astype(np.float32)
     model.fit(x, y, batch_size=16, epochs=2, verbose=0, validation_data=(x, y),
-              callbacks=[PreciseBatchNorm(sample, batch_size=16)])
+              callbacks=[PreciseBatchNorm(images, batch_size=16, sample=32)])
+    sample = images[np.linspace(0, 127, 32).astype(int)]
     np.testing.assert_allclose(np.asarray(norm.moving_mean), sample.reshape(2, 16, 4).mean(axis=1).mean(axis=0),
                                rtol=1e-5)
+    assert 2.0 < float(np.mean(norm.moving_mean)) < 3.0
