@@ -106,8 +106,8 @@ PRECISE_BN_IMAGES = 1024  # training images the batch-norm statistics are re-est
 
 class PreciseBatchNorm(keras.callbacks.Callback):
     """Before each validation, re-estimates every trainable BatchNormalization layer's moving mean and variance from
-    the current weights, averaged over batches of `sample` of `images` (unaugmented training images): "precise BN" (Wu & Johnson
-    2021, "Rethinking 'Batch' in BatchNorm"). The moving averages lag the weights by about 1 / (1 - momentum) steps;
+    the current weights, averaged over batches of `sample` of `images` (unaugmented training images): "precise BN"
+    (Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm"). Moving averages lag the weights ~1 / (1 - momentum) steps;
     a short trial makes few (a screen of 3,000 CIFAR-10 images at batch 256 makes 12 an epoch), so it validated on
     statistics of much earlier weights: the space's default screened at 0.347 where its own weights, re-estimated,
     reach 0.463 (AVX2, one run), and every configuration with large batches looked worse than it was."""
