@@ -65,6 +65,12 @@ def refit_plan(best: optuna.trial.FrozenTrial, remaining: float) -> tuple[int, f
     return epochs, fixed + epochs * per_epoch
 
 
+def refit_fits(trial: optuna.trial.FrozenTrial, seconds: float) -> bool:
+    """Whether a refit of `trial` (at least the epochs it was explored for) is planned to end within `seconds`."""
+    plan = refit_plan(trial, seconds)
+    return plan is not None and plan[1] <= seconds
+
+
 def one_epoch_seconds(best: optuna.trial.FrozenTrial) -> float:
     """What a refit of `best` that trains a single epoch is expected to take, set-up and test pass included."""
     return setup_seconds(best) + refit_epoch_seconds(best)
@@ -87,8 +93,7 @@ def refit_rounds(best: optuna.trial.FrozenTrial, timeout: float, elapsed: float,
     REFIT_ROUND_END of the timeout and `best`'s epochs fit twice, a first round that ends there and a second
     one (a warm restart from the first's weights) for the rest."""
     first = timeout * REFIT_ROUND_END - elapsed
-    plan = refit_plan(best, first) if first > 0 else None
-    if plan is None or plan[1] > first or remaining - first < first:
+    if first <= 0 or not refit_fits(best, first) or remaining - first < first:
         return [remaining]
     return [first, remaining - first]
 
@@ -133,7 +138,7 @@ def refit_best(setup, parent: str, objective, remaining: float, elapsed: float =
     previous = None
     for index in range(1, len(rounds) + 1):
         seconds = started + sum(rounds[:index]) - time.monotonic()  # to this round's end, as earlier ones ran
-        if index > 1 and (previous is None or seconds <= 0 or refit_plan(best, seconds)[1] > seconds):
+        if index > 1 and (previous is None or seconds <= 0 or not refit_fits(best, seconds)):
             log.info("refit: no second round, " + ("the first did not complete" if previous is None
                                                      else "too little time left for it"))
             return
@@ -170,8 +175,7 @@ def default_rival(setup, best: optuna.trial.FrozenTrial) -> optuna.trial.FrozenT
 
 def race_fits(contenders: list, seconds: float) -> bool:
     """Whether an equal share of `seconds` holds a refit of each contender (at least the epochs it was explored for)."""
-    share = seconds / len(contenders)
-    return all((plan := refit_plan(c, share)) is not None and plan[1] <= share for c in contenders)
+    return all(refit_fits(c, seconds / len(contenders)) for c in contenders)
 
 
 def race(setup, parent: str, objective, contenders: list, seconds: float, rounds: int):
@@ -189,8 +193,7 @@ def race(setup, parent: str, objective, contenders: list, seconds: float, rounds
     finished = []
     for index, contender in enumerate(contenders, start=1):
         share = started + seconds * index / len(contenders) - time.monotonic()
-        plan = refit_plan(contender, share)
-        if plan is None or plan[1] > share:
+        if not refit_fits(contender, share):
             log.info(f"refit: trial {contender.number}'s configuration does not fit its share of the race")
             continue
         done = run_round(setup, parent, objective, contender, None, 1, rounds, share, race=True)
